@@ -1,0 +1,306 @@
+"""Find, check and load LoRA files as named adapters of a pipeline.
+
+Every check runs on the safetensors header and the model's layer shapes, before any tensor is
+loaded and before any denoising: a user sees one clear error naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from torch import nn
+
+from .errors import (
+    CorruptLoraFileError,
+    DuplicateLoraNameError,
+    IncompatibleLoraError,
+    LoraFileNotFoundError,
+    NoLoraKeysError,
+    NotSafetensorsError,
+)
+from .spec import LoraSpec, ResolvedLora
+
+TRIGGER_KEY = "loracompose.trigger"
+CONCEPT_KEY = "loracompose.concept"
+PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}
+PREFERRED_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# (regex on the tensor key, component, which matrix): diffusers/PEFT keys and kohya/A1111 keys.
+_KEY_PATTERNS = [
+    (re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_(A|B)(?:\.default)?\.weight$"), None),
+    (re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora(?:_linear_layer)?\.(down|up)\.weight$"), None),
+    (re.compile(r"^lora_(unet|te|te1|te2)_(.+)\.lora_(down|up)\.weight$"), "kohya"),
+]
+_KOHYA_COMPONENTS = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
+
+
+@dataclass(frozen=True)
+class LoraLayerShape:
+    """Shape of one LoRA pair as stored: rank, input and output features."""
+
+    rank: int
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class LoraFileInfo:
+    """What the header of a LoRA file says, read without loading any tensor."""
+
+    path: Path
+    layers: dict[tuple[str, str], LoraLayerShape]
+    metadata: dict[str, str]
+    format: str
+
+    @property
+    def components(self) -> set[str]:
+        return {component for component, _ in self.layers}
+
+
+def resolve_source(source: str | Path) -> Path:
+    """Local file, folder holding one LoRA file, or hub id -> path of one .safetensors file."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        return _weight_file_in_folder(path)
+    text = str(source)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith("."):
+        return _download_from_hub(text)
+    raise LoraFileNotFoundError(f"LoRA file {text} does not exist; check the path (or pass a hub id 'org/name')")
+
+
+def _weight_file_in_folder(folder: Path) -> Path:
+    preferred = folder / PREFERRED_WEIGHT_NAME
+    if preferred.is_file():
+        return preferred
+    candidates = sorted(folder.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        hint = f" (found pickled {pickled}; convert them to safetensors)" if pickled else ""
+        raise LoraFileNotFoundError(f"folder {folder} holds no .safetensors LoRA file{hint}")
+    names = [p.name for p in candidates]
+    raise LoraFileNotFoundError(f"folder {folder} holds several .safetensors files {names}; pass one file instead")
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import hf_hub_download, list_repo_files
+
+        names = [n for n in list_repo_files(repo_id) if n.endswith(".safetensors")]
+        name = PREFERRED_WEIGHT_NAME if PREFERRED_WEIGHT_NAME in names else (names[0] if len(names) == 1 else None)
+        if name is None:
+            raise LoraFileNotFoundError(
+                f"hub repository {repo_id} holds {len(names)} .safetensors files; download one and pass its path"
+            )
+        return Path(hf_hub_download(repo_id, name))
+    except LoraFileNotFoundError:
+        raise
+    except Exception as error:
+        raise LoraFileNotFoundError(
+            f"LoRA {repo_id} is not a local path and the hub could not provide it ({type(error).__name__}); "
+            "download the .safetensors file and pass its path"
+        ) from error
+
+
+def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """Parse a safetensors header by hand so a pickle is refused before anything executes it."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise NotSafetensorsError(
+            f"{path} is a pickled checkpoint ({path.suffix}); pickles are never loaded because they can run code. "
+            "Convert it to .safetensors first"
+        )
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise NotSafetensorsError(
+                f"{path} is a pickled (torch.save) file, not safetensors; convert it to .safetensors first"
+            )
+        if len(head) < 8:
+            raise CorruptLoraFileError(f"{path} is too short to be a safetensors file; download it again")
+        (size,) = struct.unpack("<Q", head)
+        if size <= 1 or size > _MAX_HEADER_BYTES or size > path.stat().st_size - 8:
+            raise CorruptLoraFileError(f"{path} has no valid safetensors header; the file is damaged, download it again")
+        raw = handle.read(size)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptLoraFileError(f"{path} has a corrupt safetensors header ({error}); download it again") from error
+    if not isinstance(header, dict):
+        raise CorruptLoraFileError(f"{path} has a corrupt safetensors header; download it again")
+    metadata = header.pop("__metadata__", None) or {}
+    return header, {str(k): str(v) for k, v in metadata.items()}
+
+
+def inspect_lora_file(path: Path) -> LoraFileInfo:
+    """Read the LoRA layers (component, module key, shape) and metadata of a file's header."""
+    header, metadata = read_header(path)
+    pairs: dict[tuple[str, str], dict[str, list[int]]] = {}
+    fmt = "diffusers"
+    for key, entry in header.items():
+        for pattern, kind in _KEY_PATTERNS:
+            match = pattern.match(key)
+            if match:
+                component, module, which = match.groups()
+                if kind == "kohya":
+                    component = _KOHYA_COMPONENTS[component]
+                    fmt = "kohya"
+                side = "down" if which in ("A", "down") else "up"
+                pairs.setdefault((component, module_key(module)), {})[side] = list(entry.get("shape", []))
+                break
+    if not pairs:
+        sample = sorted(header)[:3]
+        raise NoLoraKeysError(
+            f"{path} holds no LoRA weights in a known format (diffusers/PEFT 'lora_A/lora_B' or kohya "
+            f"'lora_unet_...lora_down'); its first keys are {sample}. Is it a full model checkpoint rather than a LoRA?"
+        )
+    layers = {}
+    for where, shapes in pairs.items():
+        if "down" not in shapes or "up" not in shapes or len(shapes["down"]) < 2 or len(shapes["up"]) < 2:
+            raise CorruptLoraFileError(f"{path}: layer {where[1]} lacks its down or up matrix; the file is damaged")
+        layers[where] = LoraLayerShape(shapes["down"][0], shapes["down"][1], shapes["up"][0])
+    return LoraFileInfo(path, layers, metadata, fmt)
+
+
+def module_key(name: str) -> str:
+    """One spelling for a layer in every format: underscores, no peft wrapper, no 'text_model' prefix."""
+    key = name.replace(".base_layer", "").replace(".", "_")
+    return key.removeprefix("text_model_")
+
+
+def model_layer_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(in, out) features of every Linear/Conv2d layer of a model, keyed by `module_key`."""
+    shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            shapes[module_key(name)] = (module.in_features, module.out_features)
+        elif isinstance(module, nn.Conv2d):
+            shapes[module_key(name)] = (module.in_channels, module.out_channels)
+    return shapes
+
+
+def check_compatible(info: LoraFileInfo, pipe) -> None:
+    """Every LoRA layer must exist in the pipeline with the same shape, or the LoRA is for another model."""
+    for component in sorted(info.components):
+        model = getattr(pipe, component, None)
+        if model is None:
+            raise IncompatibleLoraError(
+                f"{info.path} has weights for '{component}', which this pipeline does not have; "
+                "it was made for another model family (e.g. SDXL) — use a LoRA made for this base model"
+            )
+        shapes = model_layer_shapes(model)
+        wanted = {key: shape for (comp, key), shape in info.layers.items() if comp == component}
+        missing = sorted(key for key in wanted if key not in shapes)
+        wrong = sorted(
+            key for key, s in wanted.items() if key in shapes and shapes[key] != (s.in_features, s.out_features)
+        )
+        if missing or wrong:
+            example = (missing or wrong)[0]
+            detail = (
+                f"{len(missing)} of its {len(wanted)} {component} layers do not exist in the model (e.g. {example})"
+                if missing
+                else f"{len(wrong)} {component} layers have other shapes (e.g. {example}: LoRA "
+                f"{wanted[example].in_features}->{wanted[example].out_features}, model {shapes[example][0]}->{shapes[example][1]})"
+            )
+            raise IncompatibleLoraError(
+                f"{info.path} does not fit this model: {detail}. It was probably made for another base model "
+                "(e.g. an SDXL LoRA on SD 1.5); use a LoRA trained for this one"
+            )
+
+
+def trigger_from_metadata(metadata: dict[str, str]) -> str | None:
+    """Our own key first, then kohya's most frequent training tag."""
+    if metadata.get(TRIGGER_KEY):
+        return metadata[TRIGGER_KEY]
+    raw = metadata.get("ss_tag_frequency")
+    if not raw:
+        return None
+    try:
+        datasets = json.loads(raw)
+        counts = Counter()
+        for tags in datasets.values():
+            counts.update({tag.strip(): int(n) for tag, n in tags.items() if tag.strip()})
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return None
+    return counts.most_common(1)[0][0] if counts else None
+
+
+_sha_cache: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) so big files are hashed once."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _sha_cache:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _sha_cache[key] = digest.hexdigest()
+    return _sha_cache[key]
+
+
+def resolve_loras(pipe, specs: Iterable[LoraSpec | str | Path]) -> list[ResolvedLora]:
+    """Find, check and hash every LoRA of a call; nothing is loaded into the model yet."""
+    resolved: list[ResolvedLora] = []
+    for spec in specs:
+        spec = spec if isinstance(spec, LoraSpec) else LoraSpec(spec)
+        path = resolve_source(spec.source)
+        info = inspect_lora_file(path)
+        check_compatible(info, pipe)
+        adapter = spec.name or re.sub(r"\W", "_", path.stem)
+        if any(other.adapter == adapter for other in resolved):
+            raise DuplicateLoraNameError(
+                f"two LoRAs are both named '{adapter}' ({path}); give them distinct names with LoraSpec(name=...)"
+            )
+        resolved.append(
+            ResolvedLora(
+                spec=spec,
+                path=path,
+                sha256=file_sha256(path),
+                adapter=adapter,
+                trigger=spec.trigger or trigger_from_metadata(info.metadata),
+                concept=spec.concept or info.metadata.get(CONCEPT_KEY) or None,
+                metadata=info.metadata,
+                has_text_encoder=bool(info.components - {"unet"}),
+            )
+        )
+    return resolved
+
+
+def load_adapters(pipe, loras: list[ResolvedLora]) -> None:
+    """Load each LoRA as a named adapter once; a later call with the same file reuses it."""
+    loaded: dict[str, str] = pipe.__dict__.setdefault("_loaded_lora_hashes", {})
+    present = set(_adapter_names(pipe))
+    for lora in loras:
+        if loaded.get(lora.adapter) == lora.sha256 and lora.adapter in present:
+            continue
+        if lora.adapter in present:
+            if lora.adapter not in loaded:
+                raise DuplicateLoraNameError(
+                    f"the pipeline already has an adapter named '{lora.adapter}' that this toolkit did not load; "
+                    "give the LoRA another name with LoraSpec(name=...)"
+                )
+            pipe.delete_adapters(lora.adapter)
+        pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=lora.adapter)
+        loaded[lora.adapter] = lora.sha256
+
+
+def _adapter_names(pipe) -> list[str]:
+    names = []
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, component, None)
+        config = getattr(model, "peft_config", None) if model is not None else None
+        names.extend(config or {})
+    return names

@@ -1,0 +1,25 @@
+"""The method registry: every composition method by name, iterated by the shared tests."""
+
+from __future__ import annotations
+
+from ..errors import UnknownMethodError
+from .base import CompositionMethod
+from .composite import CompositeMethod
+from .merge import MergeMethod
+from .switch import SwitchMethod
+
+METHODS: dict[str, type[CompositionMethod]] = {
+    method.name: method
+    for method in (
+        MergeMethod,
+        SwitchMethod,
+        CompositeMethod,
+    )
+}
+
+
+def build_method(name: str, options=None) -> CompositionMethod:
+    """A method object with validated options, or an error listing the known methods."""
+    if name not in METHODS:
+        raise UnknownMethodError(f"unknown method '{name}'; choose one of {sorted(METHODS)}")
+    return METHODS[name](options)

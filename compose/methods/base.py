@@ -1,0 +1,82 @@
+"""The shape every composition method has, and option parsing shared by all of them."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+
+from ..context import DenoiseContext
+from ..errors import InvalidOptionError
+from ..spec import ResolvedLora
+from ..tokens import require_word
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """For methods without options."""
+
+
+class CompositionMethod:
+    """A small strategy object the pipeline's loop calls; set-up and restore happen in the loop.
+
+    check: validate inputs before anything is loaded or denoised.
+    prepare: activate adapters, install processors, encode extra prompts.
+    noise_prediction: the guided noise prediction for step i (and the latents, maybe updated).
+    release: undo what prepare did that the loop's snapshot cannot (e.g. fused weights).
+    """
+
+    name: ClassVar[str]
+    options_class: ClassVar[type] = NoOptions
+    needs_triggers: ClassVar[bool] = False
+
+    def __init__(self, options: Any = None):
+        self.options = parse_options(self.options_class, options, self.name)
+
+    def check(self, pipe, prompt: str, loras: list[ResolvedLora]) -> None:
+        if self.needs_triggers:
+            for lora in loras:
+                if not lora.trigger:
+                    raise InvalidOptionError(
+                        f"method '{self.name}' needs a trigger word for LoRA '{lora.adapter}' and its file has none "
+                        "in its metadata; pass LoraSpec(..., trigger='sks')"
+                    )
+                require_word(pipe.tokenizer, prompt, lora.trigger, lora.adapter)
+
+    def prepare(self, ctx: DenoiseContext) -> None:
+        pass
+
+    def noise_prediction(self, ctx: DenoiseContext, latents: torch.Tensor, t, i: int):
+        raise NotImplementedError
+
+    def release(self, ctx: DenoiseContext) -> None:
+        pass
+
+
+def parse_options(options_class: type, options: Any, method: str):
+    """An options dataclass from None, an instance, or a dict; unknown keys name the valid ones."""
+    if options is None:
+        return options_class()
+    if isinstance(options, options_class):
+        return options
+    if isinstance(options, dict):
+        valid = {f.name for f in dataclasses.fields(options_class)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise InvalidOptionError(
+                f"method '{method}' has no option(s) {unknown}; valid options: {sorted(valid) or 'none'}"
+            )
+        try:
+            return options_class(**options)
+        except TypeError as error:
+            raise InvalidOptionError(f"method '{method}': {error}") from error
+    raise InvalidOptionError(
+        f"method '{method}' takes options as a dict or {options_class.__name__}, not {type(options).__name__}"
+    )
+
+
+def require(condition: bool, message: str) -> None:
+    """Option validation in __post_init__: one line per rule."""
+    if not condition:
+        raise InvalidOptionError(message)
