@@ -1,0 +1,227 @@
+"""The toy world: 32x32 scenes of flat-coloured shapes, their captions and ground-truth masks.
+
+Everything is a pure function of a seed, so a data set is just a range of seeds and can be
+rebuilt anywhere. Features are 4 px or larger because the VAE latent is 4x smaller than the image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SIZE = 32
+BACKGROUND = (236, 236, 228)
+
+# The base model is trained on these colours and shapes only.
+COLOURS = {
+    "red": (215, 35, 35),
+    "green": (35, 160, 55),
+    "blue": (40, 70, 215),
+    "yellow": (240, 205, 30),
+    "orange": (245, 135, 25),
+    "purple": (125, 45, 165),
+}
+SHAPES = ("circle", "square", "triangle")
+
+# Positions a caption can name; centres keep shapes of size <= 13 inside the image.
+POSITIONS = {"left": (9, 16), "right": (23, 16), "top": (16, 9), "bottom": (16, 23), "middle": (16, 16)}
+POSITION_PHRASES = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "middle": "in the middle",
+}
+OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+
+
+@dataclass(frozen=True)
+class Concept:
+    """Something the base model never sees: a LoRA teaches it under `trigger` + `word`."""
+
+    trigger: str
+    word: str
+    form: str
+    colours: tuple[str, ...]
+    description: str
+
+    @property
+    def phrase(self) -> str:
+        return f"{self.trigger} {self.word}"
+
+
+# Colours only concepts use, so a judge can tell a concept from the base palette.
+CONCEPT_COLOURS = {"cyan": (20, 200, 215), "pink": (250, 110, 190)}
+NIGHT_BACKGROUND = (25, 25, 60)
+ALL_COLOURS = {**COLOURS, **CONCEPT_COLOURS}
+
+CONCEPTS = {
+    "sks": Concept("sks", "square", "plus", ("cyan",), "a cyan plus sign, arms 4 px thick"),
+    "zwx": Concept("zwx", "circle", "ring", ("pink",), "a pink ring, wall 4 px thick"),
+    "vrn": Concept("vrn", "triangle", "two_tone_triangle", ("yellow", "blue"),
+                   "a triangle, left half yellow and right half blue"),
+    "qpl": Concept("qpl", "style", "night", (), "any scene on a dark navy background"),
+}
+STYLE_TRIGGERS = ("qpl",)
+# Trigger words the base model never sees, kept free for further LoRAs.
+SPARE_TOKENS = ("ohwx", "bkt", "jzp", "tvq")
+
+WORDS = (
+    "a", "and", "on", "the", "at", "in", "of", "style",
+    *COLOURS, *CONCEPT_COLOURS, *SHAPES, *POSITIONS, *CONCEPTS, *SPARE_TOKENS,
+)
+
+
+@dataclass(frozen=True)
+class Thing:
+    """One drawn object: `form` is a shape or a concept form, `colours` are names in ALL_COLOURS."""
+
+    form: str
+    colours: tuple[str, ...]
+    center: tuple[int, int]
+    size: int
+    position: str | None = None
+
+
+@dataclass(frozen=True)
+class Scene:
+    image: np.ndarray  # (32, 32, 3) uint8
+    caption: str
+    things: tuple[Thing, ...]
+    masks: np.ndarray  # (n, 32, 32) bool, one per thing, after occlusion
+    boxes: tuple[tuple[int, int, int, int], ...]  # (x0, y0, x1, y1), x1/y1 exclusive
+
+
+def _grid() -> tuple[np.ndarray, np.ndarray]:
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    return xs, ys
+
+
+def form_mask(form: str, center: tuple[float, float], size: float) -> np.ndarray:
+    """Pixels covered by a form of `size` px centred at `center` (x, y)."""
+    xs, ys = _grid()
+    cx, cy = center
+    half = size / 2
+    dx, dy = xs - cx, ys - cy
+    if form == "square":
+        return (abs(dx) < half) & (abs(dy) < half)
+    if form == "circle":
+        return dx**2 + dy**2 < half**2
+    if form == "ring":
+        r2 = dx**2 + dy**2
+        return (r2 < half**2) & (r2 >= (half - 4) ** 2)
+    if form == "plus":
+        return ((abs(dx) < 2) & (abs(dy) < half)) | ((abs(dy) < 2) & (abs(dx) < half))
+    if form in ("triangle", "two_tone_triangle"):
+        depth = dy + half
+        return (depth >= 0) & (depth < size) & (abs(dx) <= depth / 2 + 0.5)
+    raise ValueError(f"unknown form {form!r}")
+
+
+def paint(image: np.ndarray, thing: Thing) -> np.ndarray:
+    """Draw `thing` onto `image` in place; returns its mask."""
+    mask = form_mask(thing.form, thing.center, thing.size)
+    image[mask] = ALL_COLOURS[thing.colours[0]]
+    if thing.form == "two_tone_triangle":
+        xs, _ = _grid()
+        right = mask & (xs > thing.center[0])
+        image[right] = ALL_COLOURS[thing.colours[1]]
+    return mask
+
+
+def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return (0, 0, 0, 0)
+    return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+
+
+def describe(thing: Thing, concept: Concept | None = None, with_position: bool = True) -> str:
+    """'a red circle on the left' or, for a concept, 'a sks square on the left'."""
+    noun = concept.phrase if concept else f"{thing.colours[0]} {thing.form}"
+    words = f"a {noun}"
+    if with_position and thing.position:
+        words += " " + POSITION_PHRASES[thing.position]
+    return words
+
+
+def render(things: list[Thing], caption: str, background=BACKGROUND) -> Scene:
+    """Draw things in order (later ones on top) and record what is visible of each."""
+    image = np.empty((SIZE, SIZE, 3), np.uint8)
+    image[:] = background
+    masks = np.zeros((len(things), SIZE, SIZE), bool)
+    for i, thing in enumerate(things):
+        mask = paint(image, thing)
+        masks[:i] &= ~mask
+        masks[i] = mask
+    return Scene(image, caption, tuple(things), masks, tuple(box_of(m) for m in masks))
+
+
+def place(rng: np.random.Generator, form: str, colours: tuple[str, ...], position: str,
+          size_range: tuple[int, int]) -> Thing:
+    """A thing at a named position with a little jitter in place and size."""
+    x, y = POSITIONS[position]
+    jx, jy = rng.integers(-1, 2, size=2)
+    size = int(rng.integers(size_range[0], size_range[1] + 1))
+    return Thing(form, colours, (x + int(jx), y + int(jy)), size, position)
+
+
+def _positions(rng: np.random.Generator, count: int) -> list[str]:
+    if count == 1:
+        return [str(rng.choice(list(POSITIONS)))]
+    first = str(rng.choice(list(OPPOSITE)))
+    return [first, OPPOSITE[first]]
+
+
+def _size_range(count: int) -> tuple[int, int]:
+    return (10, 13) if count == 1 else (9, 12)
+
+
+def base_scene(seed: int) -> Scene:
+    """A training scene for the base model: 1-2 palette shapes, caption with positions 75% of the time."""
+    rng = np.random.default_rng(seed)
+    count = int(rng.integers(1, 3))
+    things = [
+        place(rng, str(rng.choice(SHAPES)), (str(rng.choice(list(COLOURS))),), pos, _size_range(count))
+        for pos in _positions(rng, count)
+    ]
+    with_position = rng.random() < 0.75
+    caption = " and ".join(describe(t, with_position=with_position) for t in things)
+    return render(things, caption)
+
+
+def concept_thing(concept: Concept, position: str, size: int) -> Thing:
+    x, y = POSITIONS[position]
+    return Thing(concept.form, concept.colours, (x, y), size, position)
+
+
+def concept_scene(trigger: str, seed: int) -> Scene:
+    """A training image for one concept's LoRA: the concept alone (or, for a style, any base scene)."""
+    concept = CONCEPTS[trigger]
+    rng = np.random.default_rng(seed)
+    if trigger in STYLE_TRIGGERS:
+        plain = base_scene(seed)
+        return render(list(plain.things), f"{plain.caption} in {concept.phrase}", NIGHT_BACKGROUND)
+    position = str(rng.choice(list(POSITIONS)))
+    thing = place(rng, concept.form, concept.colours, position, _size_range(1))
+    return render([thing], describe(thing, concept, with_position=rng.random() < 0.75))
+
+
+def mixed_scene(items: list[tuple[str, str]], style: str | None = None, seed: int = 0) -> Scene:
+    """Benchmark ground truth: items are (trigger or 'colour shape', position), e.g.
+    [("sks", "left"), ("red circle", "right")], optionally all in a style trigger."""
+    rng = np.random.default_rng(seed)
+    things, phrases = [], []
+    for name, position in items:
+        concept = CONCEPTS.get(name)
+        if concept:
+            thing = place(rng, concept.form, concept.colours, position, _size_range(len(items)))
+        else:
+            colour, shape = name.split()
+            thing = place(rng, shape, (colour,), position, _size_range(len(items)))
+        things.append(thing)
+        phrases.append(describe(thing, concept))
+    caption = " and ".join(phrases)
+    if style:
+        caption += f" in {CONCEPTS[style].phrase}"
+    return render(things, caption, NIGHT_BACKGROUND if style else BACKGROUND)
