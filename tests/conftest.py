@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny pipeline and tiny LoRAs in both file layouts, all built in code."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from pipelines.tiny import tiny_pipeline, write_random_lora
+
+PROMPT = "a sks cat and a zwx dog"
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("loras")
+
+
+@pytest.fixture()
+def pipe():
+    """A fresh tiny pipeline per test (0.2 s), so no test sees another's adapters."""
+    pipeline = tiny_pipeline(seed=0)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="session")
+def loras(lora_dir):
+    """Three UNet LoRAs (triggers sks/zwx/vrn) and one with a text-encoder part, diffusers layout."""
+    reference = tiny_pipeline(seed=0)
+    files = {
+        "cat": write_random_lora(reference, lora_dir / "cat.safetensors", 1, trigger="sks", concept="cat"),
+        "dog": write_random_lora(reference, lora_dir / "dog.safetensors", 2, trigger="zwx", concept="dog"),
+        "car": write_random_lora(reference, lora_dir / "car.safetensors", 3, trigger="vrn", concept="car"),
+        "te": write_random_lora(
+            reference, lora_dir / "te.safetensors", 4, text_encoder=True, trigger="sks", concept="cat"
+        ),
+        "te_kohya": write_random_lora(
+            reference, lora_dir / "te_kohya.safetensors", 4, text_encoder=True, fmt="kohya", trigger="sks"
+        ),
+    }
+    return files
+
+
+def generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def run(pipe, prompt=PROMPT, steps=3, seed=0, **kwargs):
+    """A short, seeded call returning numpy images."""
+    return pipe(prompt, num_inference_steps=steps, generator=generator(seed), output_type="np", **kwargs)
