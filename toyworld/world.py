@@ -67,7 +67,7 @@ STYLE_TRIGGERS = ("qpl",)
 SPARE_TOKENS = ("ohwx", "bkt", "jzp", "tvq")
 
 WORDS = (
-    "a", "and", "on", "the", "at", "in", "of", "style",
+    "a", "an", "and", "on", "the", "at", "in", "of", "style",
     *COLOURS, *CONCEPT_COLOURS, *SHAPES, *POSITIONS, *CONCEPTS, *SPARE_TOKENS,
 )
 
@@ -137,9 +137,9 @@ def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def describe(thing: Thing, concept: Concept | None = None, with_position: bool = True) -> str:
-    """'a red circle on the left' or, for a concept, 'a sks square on the left'."""
+    """'a red circle on the left', 'an orange square' or, for a concept, 'a sks square on the left'."""
     noun = concept.phrase if concept else f"{thing.colours[0]} {thing.form}"
-    words = f"a {noun}"
+    words = f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
     if with_position and thing.position:
         words += " " + POSITION_PHRASES[thing.position]
     return words

@@ -1,0 +1,152 @@
+"""A rule-based judge: which shapes and concepts an image of the toy world shows, and where.
+
+No learned model, so it is exact on rendered images and its errors on generated ones are easy to
+inspect. Objects are found as connected regions that differ from the background; the form is the
+best-matching template (IoU) drawn into the region's box; the colour is the nearest named colour;
+a concept needs its form and a hue near its colour, with tolerance for the drift LoRAs show.
+"""
+from __future__ import annotations
+
+import colorsys
+from dataclasses import dataclass
+
+import numpy as np
+
+from .world import ALL_COLOURS, CONCEPTS, NIGHT_BACKGROUND, SIZE, form_mask
+
+FORMS = ("circle", "square", "triangle", "ring", "plus")
+MIN_PIXELS = 12  # smaller specks are noise, not objects (the smallest drawn object has ~50 px)
+BACKGROUND_DISTANCE = 60  # RGB distance from the background that counts as foreground
+HUE_TOLERANCE = 40.0  # degrees a concept's colour may drift and still count
+TWO_TONE_SHARE = 0.25  # each colour of a two-tone object covers at least this share
+
+
+@dataclass(frozen=True)
+class Detection:
+    form: str
+    colour: str  # nearest name in ALL_COLOURS (of the main colour)
+    colours: tuple[str, ...]  # colours covering >= TWO_TONE_SHARE, largest first
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
+    position: str  # left / right / top / bottom / middle
+    fit: float  # IoU with the form's template
+    hue: float  # degrees, of the mean colour
+    concept: str | None  # trigger word of the concept it shows, if any
+
+
+@dataclass(frozen=True)
+class Reading:
+    detections: tuple[Detection, ...]
+    night: bool  # dark background: the qpl style
+
+    def has(self, form: str, colour: str, position: str | None = None) -> bool:
+        return any(d.form == form and d.colour == colour and position in (None, d.position)
+                   for d in self.detections if d.concept is None)
+
+    def has_concept(self, trigger: str, position: str | None = None) -> bool:
+        if trigger == "qpl":
+            return self.night
+        return any(d.concept == trigger and position in (None, d.position) for d in self.detections)
+
+
+def hue_of(rgb) -> float:
+    return 360.0 * colorsys.rgb_to_hsv(*(np.asarray(rgb, float) / 255))[0]
+
+
+def hue_distance(a: float, b: float) -> float:
+    return abs((a - b + 180) % 360 - 180)
+
+
+def label_regions(mask: np.ndarray) -> np.ndarray:
+    """4-connected component labels (0 = none) by repeated min-propagation; fine at 32x32."""
+    labels = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), 0)
+    big = mask.size + 1
+    while True:
+        padded = np.pad(np.where(mask, labels, big), 1, constant_values=big)
+        neighbours = np.minimum.reduce([padded[1:-1, 1:-1], padded[:-2, 1:-1], padded[2:, 1:-1],
+                                        padded[1:-1, :-2], padded[1:-1, 2:]])
+        new = np.where(mask, neighbours, 0)
+        if np.array_equal(new, labels):
+            return labels
+        labels = new
+
+
+def nearest_colour(pixels: np.ndarray) -> np.ndarray:
+    names = list(ALL_COLOURS)
+    palette = np.array([ALL_COLOURS[n] for n in names], float)
+    distances = ((pixels[:, None, :].astype(float) - palette[None]) ** 2).sum(-1)
+    return np.array(names)[distances.argmin(1)]
+
+
+def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+
+
+def best_form(mask: np.ndarray, box) -> tuple[str, float]:
+    """The form whose template, drawn to fill the same box, overlaps the region best."""
+    x0, y0, x1, y1 = box
+    center, size = ((x0 + x1) / 2, (y0 + y1) / 2), max(x1 - x0, y1 - y0)
+    fits = {}
+    for form in FORMS:
+        template = form_mask(form, center, size)
+        fits[form] = (template & mask).sum() / (template | mask).sum()
+    form = max(fits, key=fits.get)
+    return form, float(fits[form])
+
+
+def position_of(box) -> str:
+    dx = (box[0] + box[2]) / 2 - SIZE / 2
+    dy = (box[1] + box[3]) / 2 - SIZE / 2
+    if max(abs(dx), abs(dy)) < 3:
+        return "middle"
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "top" if dy < 0 else "bottom"
+
+
+def concept_of(form: str, colours: tuple[str, ...], hue: float, left_hue: float, right_hue: float) -> str | None:
+    for trigger, concept in CONCEPTS.items():
+        if concept.form == "two_tone_triangle":
+            if form == "triangle" and len(colours) == 2 and all(
+                hue_distance(h, hue_of(ALL_COLOURS[c])) < HUE_TOLERANCE
+                for h, c in zip((left_hue, right_hue), concept.colours)
+            ):
+                return trigger
+        elif form == concept.form and hue_distance(hue, hue_of(ALL_COLOURS[concept.colours[0]])) < HUE_TOLERANCE:
+            return trigger
+    return None
+
+
+def detect(image: np.ndarray, region: np.ndarray) -> Detection:
+    pixels = image[region]
+    names, counts = np.unique(nearest_colour(pixels), return_counts=True)
+    order = np.argsort(-counts)
+    colours = tuple(str(names[i]) for i in order if counts[i] >= TWO_TONE_SHARE * len(pixels))
+    box = box_of(region)
+    form, fit = best_form(region, box)
+    xs = np.nonzero(region)[1]
+    middle = (box[0] + box[2]) / 2
+    left_hue = hue_of(image[region & (np.arange(SIZE)[None, :] < middle)].mean(0))
+    right_hue = hue_of(image[region & (np.arange(SIZE)[None, :] >= middle)].mean(0)) if (xs >= middle).any() else left_hue
+    hue = hue_of(pixels.mean(0))
+    return Detection(form, str(names[order[0]]), colours, box, position_of(box), fit, hue,
+                     concept_of(form, colours, hue, left_hue, right_hue))
+
+
+def background_of(image: np.ndarray) -> np.ndarray:
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    return np.median(border, axis=0)
+
+
+def judge(image) -> Reading:
+    """Read a 32x32 RGB image (PIL image or uint8 array) of the toy world."""
+    image = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    if image.shape[:2] != (SIZE, SIZE):
+        raise ValueError(f"judge expects {SIZE}x{SIZE} images, got {image.shape[:2]}")
+    background = background_of(image)
+    foreground = np.sqrt(((image.astype(float) - background) ** 2).sum(-1)) > BACKGROUND_DISTANCE
+    labels = label_regions(foreground)
+    ids, sizes = np.unique(labels[labels > 0], return_counts=True)
+    detections = [detect(image, labels == i) for i, n in zip(ids, sizes) if n >= MIN_PIXELS]
+    night = np.linalg.norm(background - NIGHT_BACKGROUND) < np.linalg.norm(background - 235)
+    return Reading(tuple(detections), bool(night))
