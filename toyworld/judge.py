@@ -83,13 +83,21 @@ def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def best_form(mask: np.ndarray, box) -> tuple[str, float]:
-    """The form whose template, drawn to fill the same box, overlaps the region best."""
+    """The form whose template, drawn to fill the same box, overlaps the region best.
+
+    A drawn form of size s covers s or s-1 pixel rows depending on where its centre falls, so
+    templates one pixel larger, shifted by half a pixel, are tried too.
+    """
     x0, y0, x1, y1 = box
-    center, size = ((x0 + x1) / 2, (y0 + y1) / 2), max(x1 - x0, y1 - y0)
-    fits = {}
-    for form in FORMS:
-        template = form_mask(form, center, size)
-        fits[form] = (template & mask).sum() / (template | mask).sum()
+    size = max(x1 - x0, y1 - y0)
+    fits = {form: 0.0 for form in FORMS}
+    for grow in (0, 1):
+        for shift_x in (0, -0.5, 0.5) if grow else (0,):
+            for shift_y in (0, -0.5, 0.5) if grow else (0,):
+                center = ((x0 + x1) / 2 + shift_x, (y0 + y1) / 2 + shift_y)
+                for form in FORMS:
+                    template = form_mask(form, center, size + grow)
+                    fits[form] = max(fits[form], (template & mask).sum() / (template | mask).sum())
     form = max(fits, key=fits.get)
     return form, float(fits[form])
 
@@ -124,13 +132,31 @@ def detect(image: np.ndarray, region: np.ndarray) -> Detection:
     colours = tuple(str(names[i]) for i in order if counts[i] >= TWO_TONE_SHARE * len(pixels))
     box = box_of(region)
     form, fit = best_form(region, box)
-    xs = np.nonzero(region)[1]
-    middle = (box[0] + box[2]) / 2
-    left_hue = hue_of(image[region & (np.arange(SIZE)[None, :] < middle)].mean(0))
-    right_hue = hue_of(image[region & (np.arange(SIZE)[None, :] >= middle)].mean(0)) if (xs >= middle).any() else left_hue
+    columns = np.arange(SIZE)[None, :] < (box[0] + box[2]) / 2
+    halves = [region & columns, region & ~columns]
+    left_hue, right_hue = (hue_of(image[h].mean(0)) if h.any() else 0.0 for h in halves)
     hue = hue_of(pixels.mean(0))
     return Detection(form, str(names[order[0]]), colours, box, position_of(box), fit, hue,
                      concept_of(form, colours, hue, left_hue, right_hue))
+
+
+def split_by_colour(image: np.ndarray, region: np.ndarray) -> list[np.ndarray]:
+    """Touching objects of different colours: the connected parts of each colour."""
+    colour_map = np.full(region.shape, "", dtype=object)
+    colour_map[region] = nearest_colour(image[region])
+    parts = []
+    for colour in set(colour_map[region]):
+        labels = label_regions(colour_map == colour)
+        parts += [labels == i for i in np.unique(labels[labels > 0]) if (labels == i).sum() >= MIN_PIXELS]
+    return parts
+
+
+def detect_region(image: np.ndarray, region: np.ndarray) -> list[Detection]:
+    """One object, or a two-tone concept, or else several touching objects split by colour."""
+    whole = detect(image, region)
+    if len(whole.colours) == 1 or whole.concept:
+        return [whole]
+    return [detect(image, part) for part in split_by_colour(image, region)]
 
 
 def background_of(image: np.ndarray) -> np.ndarray:
@@ -147,6 +173,6 @@ def judge(image) -> Reading:
     foreground = np.sqrt(((image.astype(float) - background) ** 2).sum(-1)) > BACKGROUND_DISTANCE
     labels = label_regions(foreground)
     ids, sizes = np.unique(labels[labels > 0], return_counts=True)
-    detections = [detect(image, labels == i) for i, n in zip(ids, sizes) if n >= MIN_PIXELS]
+    detections = [d for i, n in zip(ids, sizes) if n >= MIN_PIXELS for d in detect_region(image, labels == i)]
     night = np.linalg.norm(background - NIGHT_BACKGROUND) < np.linalg.norm(background - 235)
     return Reading(tuple(detections), bool(night))

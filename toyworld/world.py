@@ -44,6 +44,7 @@ class Concept:
     form: str
     colours: tuple[str, ...]
     description: str
+    min_size: int = 0  # a ring needs size 12 for its hole to be 4 px wide
 
     @property
     def phrase(self) -> str:
@@ -57,7 +58,7 @@ ALL_COLOURS = {**COLOURS, **CONCEPT_COLOURS}
 
 CONCEPTS = {
     "sks": Concept("sks", "square", "plus", ("cyan",), "a cyan plus sign, arms 4 px thick"),
-    "zwx": Concept("zwx", "circle", "ring", ("pink",), "a pink ring, wall 4 px thick"),
+    "zwx": Concept("zwx", "circle", "ring", ("pink",), "a pink ring, wall and hole >= 4 px", min_size=12),
     "vrn": Concept("vrn", "triangle", "two_tone_triangle", ("yellow", "blue"),
                    "a triangle, left half yellow and right half blue"),
     "qpl": Concept("qpl", "style", "night", (), "any scene on a dark navy background"),
@@ -190,9 +191,9 @@ def base_scene(seed: int) -> Scene:
     return render(things, caption)
 
 
-def concept_thing(concept: Concept, position: str, size: int) -> Thing:
-    x, y = POSITIONS[position]
-    return Thing(concept.form, concept.colours, (x, y), size, position)
+def place_concept(rng: np.random.Generator, concept: Concept, position: str, count: int) -> Thing:
+    low, high = _size_range(count)
+    return place(rng, concept.form, concept.colours, position, (max(low, concept.min_size), max(high, concept.min_size)))
 
 
 def concept_scene(trigger: str, seed: int) -> Scene:
@@ -203,7 +204,7 @@ def concept_scene(trigger: str, seed: int) -> Scene:
         plain = base_scene(seed)
         return render(list(plain.things), f"{plain.caption} in {concept.phrase}", NIGHT_BACKGROUND)
     position = str(rng.choice(list(POSITIONS)))
-    thing = place(rng, concept.form, concept.colours, position, _size_range(1))
+    thing = place_concept(rng, concept, position, 1)
     return render([thing], describe(thing, concept, with_position=rng.random() < 0.75))
 
 
@@ -215,7 +216,7 @@ def mixed_scene(items: list[tuple[str, str]], style: str | None = None, seed: in
     for name, position in items:
         concept = CONCEPTS.get(name)
         if concept:
-            thing = place(rng, concept.form, concept.colours, position, _size_range(len(items)))
+            thing = place_concept(rng, concept, position, len(items))
         else:
             colour, shape = name.split()
             thing = place(rng, shape, (colour,), position, _size_range(len(items)))
