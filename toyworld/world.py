@@ -137,13 +137,15 @@ def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
     return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
 
 
-def describe(thing: Thing, concept: Concept | None = None, with_position: bool = True) -> str:
-    """'a red circle on the left', 'an orange square' or, for a concept, 'a sks square on the left'."""
-    noun = concept.phrase if concept else f"{thing.colours[0]} {thing.form}"
+def phrase(noun: str, position: str | None = None) -> str:
+    """'a red circle on the left', 'an orange square', 'a sks square'."""
     words = f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
-    if with_position and thing.position:
-        words += " " + POSITION_PHRASES[thing.position]
-    return words
+    return f"{words} {POSITION_PHRASES[position]}" if position else words
+
+
+def describe(thing: Thing, concept: Concept | None = None, with_position: bool = True) -> str:
+    noun = concept.phrase if concept else f"{thing.colours[0]} {thing.form}"
+    return phrase(noun, thing.position if with_position else None)
 
 
 def render(things: list[Thing], caption: str, background=BACKGROUND) -> Scene:
