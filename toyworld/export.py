@@ -67,6 +67,8 @@ def main() -> None:
     args = parser.parse_args()
     pipe, checkpoint = build_pipeline(Path(args.run_dir))
     save_fp16(pipe, Path(args.out))
+    training = {"step": checkpoint["step"], "minutes": round(checkpoint["minutes"], 1), "args": checkpoint["args"]}
+    (Path(args.out) / "training.json").write_text(json.dumps(training, indent=2) + "\n")
     print(f"exported step {checkpoint['step']} ({checkpoint['minutes']:.1f} min of training) to {args.out}")
 
 

@@ -97,7 +97,7 @@ def train(args) -> None:
         save_checkpoint(checkpoint_path, {
             "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "ema": ema,
             "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-            "step": step, "minutes": minutes(), "seed": args.seed, "images": args.images,
+            "step": step, "minutes": minutes(), "args": vars(args),
         })
         print(f"checkpoint at step {step}, {minutes():.1f} min", flush=True)
 
