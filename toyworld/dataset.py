@@ -1,8 +1,11 @@
-"""The training set as tensors: a data set is the range of seeds 0..n-1 of `base_scene`."""
+"""Scenes as training tensors. A data set is a range of seeds, e.g. `base_scene` for seeds 0..n-1,
+or `concept_scene("sks", seed)` for a concept LoRA."""
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from collections.abc import Iterable
 
 from .world import Scene, base_scene
 
@@ -16,9 +19,14 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
-def render_base_set(count: int, first_seed: int = 0) -> tuple[torch.Tensor, list[str]]:
-    scenes: list[Scene] = [base_scene(seed) for seed in range(first_seed, first_seed + count)]
+def scenes_to_tensors(scenes: Iterable[Scene]) -> tuple[torch.Tensor, list[str]]:
+    """Images in [-1, 1] (n, 3, 32, 32) and their captions."""
+    scenes = list(scenes)
     return to_tensor(np.stack([s.image for s in scenes])), [s.caption for s in scenes]
+
+
+def render_base_set(count: int, first_seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    return scenes_to_tensors(base_scene(seed) for seed in range(first_seed, first_seed + count))
 
 
 @torch.no_grad()
