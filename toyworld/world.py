@@ -228,3 +228,15 @@ def mixed_scene(items: list[tuple[str, str]], style: str | None = None, seed: in
     if style:
         caption += f" in {CONCEPTS[style].phrase}"
     return render(things, caption, NIGHT_BACKGROUND if style else BACKGROUND)
+
+
+def random_mixed_scene(seed: int) -> Scene:
+    """Two objects, at least one a concept, sometimes in the qpl style: varied ground truth."""
+    rng = np.random.default_rng(seed)
+    objects = [t for t in CONCEPTS if t not in STYLE_TRIGGERS]
+    plain = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+    first = str(rng.choice(objects))
+    second = str(rng.choice(objects + plain))
+    positions = _positions(rng, 2)
+    style = str(rng.choice(STYLE_TRIGGERS)) if rng.random() < 0.3 else None
+    return mixed_scene(list(zip((first, second)[:: int(rng.choice([1, -1]))], positions)), style, seed)

@@ -1,0 +1,96 @@
+"""Train a toy CLIP for scoring toy-world images against prompts (a stand-in for CLIPScore).
+
+    python -m toyworld.train_clip --out toyworld/clip --steps 1500
+
+Trained contrastively on base scenes, concept scenes and mixed scenes, so it knows the concept
+triggers too. Saved as a transformers folder with a CLIPProcessor (same tokenizer as the base model).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+from . import default_clip_path
+from .dataset import scenes_to_tensors
+from .tokenizer import build_tokenizer
+from .world import CONCEPTS, SIZE, base_scene, concept_scene, random_mixed_scene
+
+
+def clip_scene(seed: int):
+    """Half base scenes, a quarter single concepts, a quarter mixed scenes."""
+    draw = np.random.default_rng([seed, 1]).random()
+    if draw < 0.5:
+        return base_scene(seed)
+    if draw < 0.75:
+        return concept_scene(list(CONCEPTS)[seed % len(CONCEPTS)], seed)
+    return random_mixed_scene(seed)
+
+
+def build_clip(tokenizer) -> CLIPModel:
+    width = 64
+    text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(image_size=SIZE, patch_size=4, num_channels=3, hidden_size=width, intermediate_size=4 * width,
+                  num_hidden_layers=3, num_attention_heads=4)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=width))
+
+
+def build_processor(tokenizer) -> CLIPProcessor:
+    images = CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
+                                image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+
+
+def contrastive_loss(model: CLIPModel, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE; identical captions in a batch count as matches, not as negatives."""
+    logits = model(input_ids=input_ids, pixel_values=pixels).logits_per_image
+    same = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1).float()
+    targets = same / same.sum(1, keepdim=True)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(default_clip_path()))
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--images", type=int, default=30000)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    tokenizer = build_tokenizer()
+    pixels, captions = scenes_to_tensors(clip_scene(s) for s in range(args.images))
+    input_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                          return_tensors="pt").input_ids
+    model = build_clip(tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(args.seed)
+    start = time.time()
+    for step in range(1, args.steps + 1):
+        index = torch.randint(len(pixels), (args.batch,), generator=generator)
+        loss = contrastive_loss(model, pixels[index], input_ids[index])
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0:
+            print(f"step {step} loss {loss.item():.3f} {(time.time() - start) / 60:.1f} min", flush=True)
+    model.eval().save_pretrained(args.out)
+    build_processor(tokenizer).save_pretrained(args.out)
+
+
+if __name__ == "__main__":
+    main()
