@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import UnknownMethodError
 from .base import CompositionMethod
+from .cmlora import CmloraMethod
 from .composite import CompositeMethod
 from .merge import MergeMethod
 from .switch import SwitchMethod
@@ -14,6 +15,7 @@ METHODS: dict[str, type[CompositionMethod]] = {
         MergeMethod,
         SwitchMethod,
         CompositeMethod,
+        CmloraMethod,
     )
 }
 

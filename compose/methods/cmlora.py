@@ -1,0 +1,209 @@
+"""cmlora: composite where one LoRA dominates at a time, in frequency order, and the others come from a cache.
+
+Per step only the dominant LoRA runs fresh; on the non-uniform refresh steps every LoRA does (all
+fresh passes in one batched forward). The order comes from each LoRA's frequency profile (cached
+on disk) or from the user. Algorithm and defaults: docs/methods/cmlora.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..errors import InvalidOptionError
+from ..frequency import rank_by_score
+from ..profiling import ProfileSettings, profile_loras
+from .base import CompositionMethod, require
+from .composite import composite_prediction
+
+WEIGHTINGS = ("dominant", "equal")
+CACHE_MODES = ("output",)
+
+
+def _whole(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _fraction(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+@dataclass
+class CmloraOptions:
+    order: Sequence[str] | None = None  # adapter names, high-frequency first; None: rank by the frequency profile
+    high_count: int | None = None  # LoRAs at the front of the order forming the high group; None: ceil(N / 2)
+    split: float = 0.6  # fraction of the steps where the high group dominates
+    intervals: int | Sequence[int] = (2, 3, 2)  # cache refresh interval on each of the three time segments
+    boundaries: Sequence[float] = (0.375, 0.875)  # the segments' borders as fractions of the steps
+    weighting: str = "dominant"  # "dominant": c = N - 0.5 rule; "equal": plain average
+    cache: str = "output"  # "output": reuse a LoRA's whole guided prediction between refreshes
+    profile_steps: int = 8
+    profile_seed: int = 0
+    profile_cutoff: float = 0.2
+    profile_cache_dir: str | None = None  # None: $LORACOMPOSE_PROFILE_CACHE or ~/.cache/loracompose/profiles
+
+    def __post_init__(self):
+        if self.order is not None:
+            require(
+                isinstance(self.order, (list, tuple)) and all(isinstance(name, str) for name in self.order),
+                f"cmlora option order must be a list of adapter names, got {self.order!r}",
+            )
+            require(len(set(self.order)) == len(self.order), f"cmlora option order repeats a name: {list(self.order)}")
+            self.order = tuple(self.order)
+        require(
+            self.high_count is None or _whole(self.high_count, 0),
+            f"cmlora option high_count must be a whole number >= 0 or None, got {self.high_count!r}",
+        )
+        require(_fraction(self.split), f"cmlora option split must be a fraction in [0, 1], got {self.split!r}")
+        if _whole(self.intervals, 1):
+            self.intervals = (self.intervals,) * 3
+        require(
+            isinstance(self.intervals, (list, tuple)) and len(self.intervals) == 3
+            and all(_whole(k, 1) for k in self.intervals),
+            f"cmlora option intervals must be a whole number >= 1 or three of them, got {self.intervals!r}",
+        )  # fmt: skip
+        self.intervals = tuple(self.intervals)
+        require(
+            isinstance(self.boundaries, (list, tuple)) and len(self.boundaries) == 2
+            and all(_fraction(b) for b in self.boundaries) and self.boundaries[0] <= self.boundaries[1],
+            f"cmlora option boundaries must be two increasing fractions, got {self.boundaries!r}",
+        )  # fmt: skip
+        self.boundaries = tuple(self.boundaries)
+        require(self.weighting in WEIGHTINGS, f"cmlora option weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        require(
+            self.cache in CACHE_MODES,
+            f"cmlora option cache must be one of {CACHE_MODES} ('deep' is not implemented), got {self.cache!r}",
+        )
+        require(
+            self.profile_cache_dir is None or isinstance(self.profile_cache_dir, str),
+            f"cmlora option profile_cache_dir must be a folder path or None, got {self.profile_cache_dir!r}",
+        )
+        self.profile_settings()  # raises on bad profiling options
+
+    def profile_settings(self) -> ProfileSettings:
+        return ProfileSettings(steps=self.profile_steps, seed=self.profile_seed, cutoff=self.profile_cutoff)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Which LoRA dominates a step and which LoRAs run fresh (indices into the call's LoRAs, ascending)."""
+
+    dominant: int
+    fresh: tuple[int, ...]
+
+
+def refresh_steps(num_steps: int, intervals: Sequence[int], boundaries: Sequence[float]) -> list[bool]:
+    """True on the steps where the cache is refreshed: each segment's first step, then every interval."""
+    starts = [0, int(boundaries[0] * num_steps), int(boundaries[1] * num_steps)]
+    ends = starts[1:] + [num_steps]
+    refresh = [False] * num_steps
+    for start, end, interval in zip(starts, ends, intervals):
+        for step in range(start, end, interval):
+            refresh[step] = True
+    if num_steps:
+        refresh[0] = True  # the cache starts empty
+    return refresh
+
+
+def plan_steps(
+    num_steps: int,
+    order: Sequence[int],
+    high_count: int,
+    split: float,
+    intervals: Sequence[int],
+    boundaries: Sequence[float],
+) -> list[StepPlan]:
+    """The whole schedule: the dominant LoRA rotates through its phase's group at every refresh step."""
+    refresh = refresh_steps(num_steps, intervals, boundaries)
+    high, low = list(order[:high_count]), list(order[high_count:])
+    phase_end = int(split * num_steps)
+    plans, rotation = [], 0
+    for step in range(num_steps):
+        group = (high if step < phase_end else low) or list(order)
+        rotation = 0 if step in (0, phase_end) else rotation + refresh[step]
+        dominant = group[rotation % len(group)]
+        fresh = sorted(order) if refresh[step] else [dominant]
+        plans.append(StepPlan(dominant, tuple(fresh)))
+    return plans
+
+
+def predicted_unet_usage(plans: Sequence[StepPlan]) -> tuple[int, int]:
+    """(UNet calls, LoRA passes) the schedule costs: one batched call per step, one pass per fresh LoRA."""
+    return len(plans), sum(len(plan.fresh) for plan in plans)
+
+
+def combination_weights(count: int, dominant: int, weighting: str) -> list[float] | None:
+    """The paper's rule: c = N - 0.5, dominant c / (c + N - 1), others 1 / (c + N - 1); None = plain mean."""
+    if weighting == "equal":
+        return None
+    c = count - 0.5
+    return [c / (c + count - 1) if k == dominant else 1 / (c + count - 1) for k in range(count)]
+
+
+def combine(predictions: Sequence[torch.Tensor], weights: Sequence[float] | None) -> torch.Tensor:
+    """Weighted sum of guided predictions; without weights the same mean composite takes."""
+    if weights is None:
+        return torch.stack(list(predictions)).mean(dim=0)
+    return sum(weight * prediction for weight, prediction in zip(weights, predictions))
+
+
+class CmloraMethod(CompositionMethod):
+    name = "cmlora"
+    options_class = CmloraOptions
+
+    def check(self, pipe, prompt, loras):
+        super().check(pipe, prompt, loras)
+        names = [lora.adapter for lora in loras]
+        order = self.options.order
+        if order is not None and sorted(order) != sorted(names):
+            raise InvalidOptionError(
+                f"cmlora option order {list(order)} must name each LoRA of the call exactly once: {names}"
+            )
+        if self.options.high_count is not None and self.options.high_count > len(loras):
+            raise InvalidOptionError(
+                f"cmlora option high_count {self.options.high_count} exceeds the number of LoRAs ({len(loras)})"
+            )
+
+    def prepare(self, ctx):
+        names = [lora.adapter for lora in ctx.loras]
+        if self.options.order is not None:
+            ranked = list(self.options.order)
+        elif len(ctx.loras) == 1:
+            ranked = names
+        else:
+            settings = self.options.profile_settings()
+            profiles = profile_loras(ctx.pipe, ctx.loras, settings, self.options.profile_cache_dir)
+            scores = {profile.adapter: profile.score for profile in profiles}
+            ctx.outputs["frequency_scores"] = scores
+            ranked = rank_by_score(scores)
+        high_count = self.options.high_count
+        if high_count is None:
+            high_count = math.ceil(len(ctx.loras) / 2)
+        self._plans = plan_steps(
+            len(ctx.timesteps),
+            [names.index(name) for name in ranked],
+            high_count,
+            self.options.split,
+            self.options.intervals,
+            self.options.boundaries,
+        )
+        self._cache: dict[int, torch.Tensor] = {}
+        ctx.outputs["order"] = ranked
+        ctx.outputs["schedule"] = []
+
+    def noise_prediction(self, ctx, latents, t, i):
+        plan = self._plans[i]
+        fresh = composite_prediction(ctx, latents, t, [ctx.loras[k] for k in plan.fresh], batched=True)
+        self._cache.update(zip(plan.fresh, fresh))
+        predictions = [self._cache[k] for k in range(len(ctx.loras))]
+        ctx.outputs["schedule"].append(
+            {"dominant": ctx.loras[plan.dominant].adapter, "fresh": [ctx.loras[k].adapter for k in plan.fresh]}
+        )
+        weights = combination_weights(len(ctx.loras), plan.dominant, self.options.weighting)
+        return combine(predictions, weights), latents
+
+    def release(self, ctx):
+        self._cache = {}

@@ -1,0 +1,178 @@
+"""cmlora: equivalences with composite and a single LoRA, UNet cost vs schedule, frequency profiles and their cache."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from compose.errors import InvalidOptionError
+from compose.frequency import high_band, high_frequency_score, radial_profile, rank_by_score
+from compose.methods.cmlora import (
+    CmloraOptions,
+    combination_weights,
+    plan_steps,
+    predicted_unet_usage,
+    refresh_steps,
+)
+from compose.profiling import ProfileSettings, profile_lora_files
+from tests.conftest import run
+
+ORDER = ["car", "cat", "dog"]
+
+
+def three(loras):
+    return [loras["cat"], loras["dog"], loras["car"]]
+
+
+def test_every_interval_one_with_equal_weights_is_composite(pipe, loras):
+    composite = run(pipe, loras=three(loras), method="composite", steps=3)
+    options = dict(order=ORDER, intervals=1, weighting="equal")
+    cmlora = run(pipe, loras=three(loras), method="cmlora", method_options=options, steps=3)
+    assert np.array_equal(cmlora.images, composite.images)
+    assert (cmlora.unet_calls, cmlora.unet_passes) == (composite.unet_calls, composite.unet_passes) == (3, 9)
+
+
+def test_one_lora_is_that_lora_alone(pipe, loras, tmp_path):
+    alone = run(pipe, loras=[loras["cat"]], method="merge")
+    cmlora = run(pipe, loras=[loras["cat"]], method="cmlora", method_options=dict(profile_cache_dir=str(tmp_path)))
+    assert np.array_equal(cmlora.images, alone.images)
+    assert not list(tmp_path.iterdir())  # nothing to order, so nothing profiled
+
+
+@pytest.mark.parametrize(
+    ("names", "intervals", "steps"),
+    [(["cat", "dog"], (2, 3, 2), 6), (["cat", "dog", "car"], (2, 3, 2), 8), (["cat", "dog", "car"], (3, 3, 3), 5)],
+)
+def test_unet_calls_and_passes_equal_the_schedule(pipe, loras, names, intervals, steps):
+    options = dict(order=names[::-1], intervals=intervals, high_count=1)
+    out = run(pipe, loras=[loras[n] for n in names], method="cmlora", method_options=options, steps=steps)
+    plans = plan_steps(steps, list(range(len(names)))[::-1], 1, 0.6, intervals, (0.375, 0.875))
+    assert (out.unet_calls, out.unet_passes) == predicted_unet_usage(plans)
+    assert out.unet_passes < len(names) * steps  # cheaper than composite
+    assert out.extras["order"] == names[::-1]
+    assert [s["fresh"] for s in out.extras["schedule"]] == [[names[k] for k in p.fresh] for p in plans]
+    assert [s["dominant"] for s in out.extras["schedule"]] == [names[p.dominant] for p in plans]
+
+
+def test_schedule_follows_the_paper_at_200_steps():
+    refresh = refresh_steps(200, (2, 3, 2), (0.375, 0.875))
+    assert [s for s in range(82) if refresh[s]][-5:] == [72, 74, 75, 78, 81]  # every 2 before step 75, 3 after
+    assert [s for s in range(170, 180) if refresh[s]] == [171, 174, 175, 177, 179]  # every 2 from step 175
+    plans = plan_steps(200, [0, 1, 2], 2, 0.6, (2, 3, 2), (0.375, 0.875))
+    assert {p.dominant for p in plans[:120]} == {0, 1} and {p.dominant for p in plans[120:]} == {2}
+    for step, plan in enumerate(plans):
+        assert plan.dominant in plan.fresh
+        assert plan.fresh == ((0, 1, 2) if refresh[step] else (plan.dominant,))
+        if step and step != 120 and plan.dominant != plans[step - 1].dominant:
+            assert refresh[step]  # the dominant LoRA changes only when the cache is refreshed
+    calls, passes = predicted_unet_usage(plans)
+    assert (calls, passes) == (200, 200 + 2 * sum(refresh))
+
+
+def test_combination_weights_follow_the_paper():
+    assert combination_weights(2, 0, "dominant") == pytest.approx([0.6, 0.4])
+    assert combination_weights(3, 1, "dominant") == pytest.approx([2 / 9, 5 / 9, 2 / 9])
+    for count in (1, 4, 5):
+        weights = combination_weights(count, count - 1, "dominant")
+        assert math.isclose(sum(weights), 1.0) and weights[-1] == max(weights)
+    assert combination_weights(3, 0, "equal") is None
+
+
+def _forward_counter(pipe):
+    calls = []
+    pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_profile_is_deterministic_and_read_back_from_the_cache(pipe, loras, tmp_path):
+    settings = ProfileSettings(steps=2)
+    calls = _forward_counter(pipe)
+    first = profile_lora_files(pipe, [loras["cat"], loras["dog"]], settings, tmp_path / "a")
+    assert len(calls) == 4 * 2  # two LoRAs and the base on each one's prompt ("a picture of sks/zwx"), 2 steps each
+    again = profile_lora_files(pipe, [loras["cat"], loras["dog"]], settings, tmp_path / "a")
+    assert len(calls) == 4 * 2 and all(p.cached for p in again) and not any(p.cached for p in first)
+    elsewhere = profile_lora_files(pipe, [loras["cat"], loras["dog"]], settings, tmp_path / "b")
+    for a, b, c in zip(first, again, elsewhere):
+        assert a.profile == b.profile == c.profile and a.score == b.score == c.score
+        assert any(path.name.startswith(a.sha256[:16]) for path in (tmp_path / "a").iterdir())
+
+
+def test_automatic_order_ranks_by_the_cached_profile(pipe, loras, tmp_path):
+    options = dict(profile_cache_dir=str(tmp_path), profile_steps=2)
+    out = run(pipe, loras=three(loras), method="cmlora", method_options=options, steps=2)
+    profiles = profile_lora_files(pipe, three(loras), ProfileSettings(steps=2), tmp_path)
+    assert all(p.cached for p in profiles)
+    scores = {p.adapter: p.score for p in profiles}
+    assert out.extras["frequency_scores"] == scores
+    assert out.extras["order"] == rank_by_score(scores)
+    assert out.unet_calls == 2  # profiling is not charged to the image
+
+
+def _smooth(size: int, seed: int) -> torch.Tensor:
+    coarse = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+
+
+def test_high_frequency_change_outranks_low_frequency_change():
+    size = 64
+    base = _smooth(size, 0) + 0.05 * torch.randn(size, size, generator=torch.Generator().manual_seed(1))
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    fine = 0.3 * torch.cos(2 * math.pi * 20 * xs / size) + 0.3 * torch.cos(2 * math.pi * 24 * ys / size)  # radii 20, 24
+    coarse = 0.8 * torch.cos(2 * math.pi * xs / size)  # one period across the image: radius 1
+    reference = radial_profile(base)
+    scores = {
+        "style": high_frequency_score(radial_profile(base + coarse), reference),
+        "character": high_frequency_score(radial_profile(base + fine), reference),
+    }
+    assert scores["character"] > 1e-3
+    assert abs(scores["style"]) < 1e-6  # nothing changed in the high band (float32 rounding only)
+    assert rank_by_score(scores) == ["character", "style"]
+
+
+def test_radial_profile_of_rgb_and_size():
+    image = torch.rand(3, 20, 30)
+    profile = radial_profile(image)
+    assert profile.shape == (11,) and torch.isfinite(profile).all()
+
+
+@pytest.mark.parametrize("cutoff", [0.0, 1.5, 80, -0.1])
+def test_cutoff_outside_the_unit_interval_is_an_error(cutoff):
+    with pytest.raises(InvalidOptionError, match="fraction"):
+        high_band(33, cutoff)
+
+
+def test_empty_high_band_is_an_error():
+    with pytest.raises(InvalidOptionError, match="no high-frequency band"):
+        high_frequency_score(radial_profile(torch.rand(1, 1)), radial_profile(torch.rand(1, 1)))
+    assert high_band(33, 1.0).tolist() == [32]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(intervals=0),
+        dict(intervals=(2, 3)),
+        dict(split=1.5),
+        dict(weighting="loud"),
+        dict(cache="deep"),
+        dict(order="cat"),
+        dict(order=["cat", "cat"]),
+        dict(profile_cutoff=80),
+        dict(boundaries=(0.9, 0.1)),
+    ],
+)
+def test_bad_options_are_refused(options):
+    with pytest.raises(InvalidOptionError):
+        CmloraOptions(**options)
+
+
+def test_order_naming_other_loras_fails_before_denoising(pipe, loras):
+    calls = _forward_counter(pipe)
+    with pytest.raises(InvalidOptionError, match="exactly once"):
+        run(pipe, loras=three(loras), method="cmlora", method_options=dict(order=["cat", "dog"]))
+    with pytest.raises(InvalidOptionError, match="high_count"):
+        run(pipe, loras=three(loras), method="cmlora", method_options=dict(order=ORDER, high_count=4))
+    assert not calls
