@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import UnknownMethodError
 from .base import CompositionMethod
 from .cmlora import CmloraMethod
+from .composer import ComposerMethod
 from .composite import CompositeMethod
 from .merge import MergeMethod
 from .switch import SwitchMethod
@@ -16,6 +17,7 @@ METHODS: dict[str, type[CompositionMethod]] = {
         SwitchMethod,
         CompositeMethod,
         CmloraMethod,
+        ComposerMethod,
     )
 }
 

@@ -1,0 +1,246 @@
+"""composer: LoRA-Composer (Yang et al., 2024) — each concept LoRA in its own region, one UNet pass per step.
+
+Concept injection: in every cross-attention layer, pixels inside region k attend to region k's
+prompt through LoRA k's to_k/to_v/to_out deltas (RegionCrossAttnProcessor); everything else uses
+the base weights (plus an optional background LoRA over the whole image). Concept isolation:
+self-attention between different regions is masked (RegionIsolationAttnProcessor). Before the
+loop the initial noise is re-arranged so each concept starts where it already attends; in the
+early steps the latent takes one gradient step on the region losses (compose.region_guidance).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..adapters import activate
+from ..attention.layers import attention_layers, install_processors, layer_grid, layers_near_factor
+from ..attention.regions import (
+    ForwardTruncated,
+    MapRecorder,
+    RegionCrossAttnProcessor,
+    RegionIsolationAttnProcessor,
+    RegionState,
+    isolation_mask,
+)
+from ..context import Pass
+from ..errors import InvalidOptionError, InvalidRegionError
+from ..region_guidance import composer_loss, reinitialize_latents
+from ..regions import check_region_fits, region_mask
+from ..tokens import require_word, token_positions, word_spans
+from .base import CompositionMethod, require
+
+
+@dataclass
+class ComposerOptions:
+    background: str | None = None  # adapter name of a LoRA without region, merged into the base everywhere
+    isolation: bool = True  # mask self-attention between different regions
+    reinit: bool = True  # re-arrange the initial noise before the loop
+    guidance: bool = True  # loss-guided latent updates in the early steps
+    guidance_steps: int = 25  # at most this many first steps get an update
+    patience: int = 5  # from this step on, guidance stops for good once the loss rises
+    step_size: float = 20.0  # eta_i = step_size * sqrt(s_i), s = linspace(1, 0.5, steps)
+    fg_weight: float = 8.0  # L_fg, concept enhancement (0 switches it off)
+    fill_weight: float = 2.0  # L_fill, region filling (0 switches it off)
+    reg_weight: float = 10.0  # L_reg, region perceptual restriction (0 switches it off)
+    map_factor: int = 4  # latent downsampling of the layers whose maps re-init and losses read (SD 1.5: 1/32 image)
+
+    def __post_init__(self):
+        require(
+            self.background is None or (isinstance(self.background, str) and self.background),
+            f"composer option background must name a LoRA adapter, got {self.background!r}",
+        )
+        for flag in ("isolation", "reinit", "guidance"):
+            value = getattr(self, flag)
+            require(isinstance(value, bool), f"composer option {flag} must be true or false, got {value!r}")
+        for count in ("guidance_steps", "patience", "map_factor"):
+            value = getattr(self, count)
+            require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= (1 if count == "map_factor" else 0),
+                f"composer option {count} must be a whole number >= {1 if count == 'map_factor' else 0}, got {value!r}",
+            )
+        for number in ("step_size", "fg_weight", "fill_weight", "reg_weight"):
+            value = getattr(self, number)
+            require(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0,
+                f"composer option {number} must be a finite number >= 0, got {value!r}",
+            )
+
+
+def default_regional_prompt(prompt: str, trigger: str, concept: str | None) -> str:
+    """The phrase of the global prompt that holds the trigger ("a sks cat" in "a sks cat and a zwx dog").
+
+    Phrases end at commas, semicolons, "and" and "with"; without the trigger in the prompt the
+    regional prompt is "a <trigger> <concept>".
+    """
+    for phrase in re.split(r"[,;]|\s+(?:and|with)\s+", prompt):
+        if word_spans(phrase, trigger):
+            return phrase.strip()
+    return " ".join(["a", trigger] + ([concept] if concept else []))
+
+
+def guidance_continues(i: int, loss: float, previous: float | None, patience: int) -> bool:
+    """After step i: keep guiding unless, from step `patience` on, the loss rose (then stop for good)."""
+    return not (i >= patience and previous is not None and loss > previous)
+
+
+class ComposerMethod(CompositionMethod):
+    name = "composer"
+    options_class = ComposerOptions
+
+    def check(self, pipe, prompt, loras):
+        background = self.options.background
+        names = [lora.adapter for lora in loras]
+        if background is not None and background not in names:
+            raise InvalidOptionError(f"composer option background={background!r} names no LoRA of this call; use one of {names}")
+        for lora in loras:
+            if lora.adapter == background:
+                if lora.region is not None:
+                    raise InvalidRegionError(
+                        f"background LoRA '{lora.adapter}' covers the whole image; remove its region"
+                    )
+                continue
+            if lora.region is None:
+                raise InvalidRegionError(
+                    f"composer needs a region for LoRA '{lora.adapter}': pass LoraSpec(..., region=(top, left, "
+                    "bottom, right)) as fractions or a mask image, or name it with option background="
+                )
+            if not lora.trigger:
+                raise InvalidOptionError(
+                    f"composer needs a trigger word for LoRA '{lora.adapter}' and its file has none in its "
+                    "metadata; pass LoraSpec(..., trigger='sks')"
+                )
+            require_word(pipe.tokenizer, self._regional_prompt(prompt, lora), lora.trigger, lora.adapter)
+        if all(lora.adapter == background for lora in loras):
+            raise InvalidOptionError("composer needs at least one LoRA with a region")
+
+    def prepare(self, ctx):
+        unet = ctx.unet
+        layers = attention_layers(unet)
+        coarsest = layer_grid(ctx.latent_hw, max(layer.factor for layer in layers))
+        self._regional = [lora for lora in ctx.loras if lora.adapter != self.options.background]
+        for lora in self._regional:
+            check_region_fits(lora.region, *coarsest, f"LoRA '{lora.adapter}'")
+
+        background = next((l for l in ctx.loras if l.adapter == self.options.background), None)
+        activate(unet, {background.adapter: background.weight} if background else {})
+        self._global = ctx.encode_for(background) if background else ctx.encode(ctx.prompt)
+        self._contexts, self._cond_contexts, self._tokens = [], [], []
+        for lora in self._regional:
+            prompt = self._regional_prompt(ctx.prompt, lora)
+            adapters = {lora.adapter: lora.weight} if lora.has_text_encoder else {}
+            negative, embeds = ctx.encode(prompt, adapters, negative_prompt=lora.spec.negative_prompt or "")
+            self._contexts.append(torch.cat([negative, embeds]) if ctx.do_cfg else embeds)
+            self._cond_contexts.append(embeds)
+            words = [lora.trigger] + ([lora.concept] if lora.concept else [])
+            self._tokens.append(sorted({p for w in words for p in token_positions(ctx.pipe.tokenizer, prompt, w)}))
+
+        self.state = RegionState([lora.adapter for lora in self._regional])
+        masks = {factor: self._masks(ctx, factor) for factor in {layer.factor for layer in layers}}
+        allowed = {f: isolation_mask(m) if self.options.isolation else None for f, m in masks.items()}
+        install_processors(
+            unet,
+            {
+                layer.name: RegionCrossAttnProcessor(self.state, masks[layer.factor], layer.name)
+                if layer.cross
+                else RegionIsolationAttnProcessor(allowed[layer.factor], self.state, layer.name)
+                for layer in layers
+            },
+        )
+        self._map_cross = layers_near_factor(unet, self.options.map_factor, cross=True)
+        self._map_self = layers_near_factor(unet, self.options.map_factor, cross=False)
+        factor = next(layer.factor for layer in layers if layer.name == self._map_cross[0])
+        self._map_hw = layer_grid(ctx.latent_hw, factor)
+        self._map_masks = [region_mask(lora.region, *self._map_hw).to(ctx.unet.device) for lora in self._regional]
+        self._guiding = self.options.guidance and any(
+            (self.options.fg_weight, self.options.fill_weight, self.options.reg_weight)
+        )
+        self._previous_loss = None
+        ctx.outputs["composer_losses"] = []
+
+    def noise_prediction(self, ctx, latents, t, i):
+        if i == 0 and self.options.reinit:
+            latents = self.reinitialize(ctx, latents, t)
+        if self._guiding and i < self.options.guidance_steps:
+            latents = self.guided_update(ctx, latents, t, i)
+        self.state.contexts = self._contexts
+        negative, embeds = self._global
+        [(uncond, cond)] = ctx.predict(latents, t, [Pass(None, negative, embeds)])
+        return ctx.guide(uncond, cond), latents
+
+    def reinitialize(self, ctx, latents, t):
+        """One conditional forward; each region gets the noise patch its concept tokens already favour."""
+        recorder = self._record(ctx, latents, t, keep_grad=False)
+        scores = [
+            F.interpolate(maps.sum(dim=1, keepdim=True), size=ctx.latent_hw, mode="bilinear")[:, 0]
+            for maps in self._token_maps(recorder)
+        ]
+        masks = [region_mask(lora.region, *ctx.latent_hw).to(latents.device) for lora in self._regional]
+        return reinitialize_latents(latents, scores, masks)
+
+    def guided_update(self, ctx, latents, t, i):
+        """One gradient step of the region losses on the latent; autograd only here, w.r.t. the latent only."""
+        options = self.options
+        with torch.enable_grad():
+            z = latents.detach().requires_grad_(True)
+            loss = self.loss(ctx, z, t)
+            (grad,) = torch.autograd.grad(loss, z)
+        s = torch.linspace(1.0, 0.5, len(ctx.timesteps))[i].item()
+        latents = (z - options.step_size * math.sqrt(s) * grad).detach()
+        value = loss.item()
+        ctx.outputs["composer_losses"].append(value)
+        self._guiding = guidance_continues(i, value, self._previous_loss, options.patience)
+        self._previous_loss = value
+        return latents
+
+    def loss(self, ctx, latents, t):
+        """The region loss L of the latents at timestep t (differentiable when autograd is on)."""
+        options = self.options
+        recorder = self._record(ctx, latents, t, keep_grad=torch.is_grad_enabled(), self_maps=options.reg_weight > 0)
+        return composer_loss(
+            self._token_maps(recorder),
+            recorder.self_maps.mean() if options.reg_weight else None,
+            self._map_masks,
+            options.fg_weight,
+            options.fill_weight,
+            options.reg_weight,
+        )
+
+    def _record(self, ctx, latents, t, keep_grad, self_maps=False):
+        """Conditional forward with the regional processors recording maps, cut after the last map read."""
+        self.state.contexts = self._cond_contexts
+        recorder = MapRecorder(len(self._regional), self._map_cross, self._map_self if self_maps else (), keep_grad)
+        self.state.recorder = recorder
+        ctx.unet_calls += 1
+        try:
+            ctx.unet(
+                ctx.pipe.scheduler.scale_model_input(latents, t),
+                t,
+                encoder_hidden_states=self._global[1],
+                cross_attention_kwargs=ctx.cross_attention_kwargs,
+                return_dict=False,
+            )
+        except ForwardTruncated:
+            pass
+        finally:
+            self.state.recorder = None
+        return recorder
+
+    def _token_maps(self, recorder):
+        """Per region, (batch, concept tokens, h, w) regional cross-attention, layers and heads averaged."""
+        return [
+            store.mean()[:, :, tokens].transpose(1, 2).reshape(-1, len(tokens), *self._map_hw)
+            for store, tokens in zip(recorder.cross, self._tokens)
+        ]
+
+    def _masks(self, ctx, factor):
+        grid = layer_grid(ctx.latent_hw, factor)
+        masks = [region_mask(lora.region, *grid).flatten() > 0 for lora in self._regional]
+        return torch.stack(masks).to(ctx.unet.device)
+
+    def _regional_prompt(self, prompt, lora):
+        return lora.spec.prompt or default_regional_prompt(prompt, lora.trigger, lora.concept)
