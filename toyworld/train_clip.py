@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
@@ -18,17 +17,13 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 from . import default_clip_path
 from .dataset import scenes_to_tensors
 from .tokenizer import build_tokenizer
-from .world import CONCEPTS, SIZE, base_scene, concept_scene, random_mixed_scene
+from .world import SIZE, base_scene, varied_scene
 
 
 def clip_scene(seed: int):
-    """Half base scenes, a quarter single concepts, a quarter mixed scenes."""
-    draw = np.random.default_rng([seed, 1]).random()
-    if draw < 0.5:
-        return base_scene(seed)
-    if draw < 0.75:
-        return concept_scene(list(CONCEPTS)[seed % len(CONCEPTS)], seed)
-    return random_mixed_scene(seed)
+    """Captioned varied scenes (free-colour scenes have no caption to learn from)."""
+    scene = varied_scene(seed)
+    return scene if scene.caption else base_scene(seed)
 
 
 def build_clip(tokenizer) -> CLIPModel:

@@ -78,7 +78,7 @@ class Thing:
     """One drawn object: `form` is a shape or a concept form, `colours` are names in ALL_COLOURS."""
 
     form: str
-    colours: tuple[str, ...]
+    colours: tuple  # names in ALL_COLOURS, or RGB triples for free-colour scenes
     center: tuple[int, int]
     size: int
     position: str | None = None
@@ -119,14 +119,18 @@ def form_mask(form: str, center: tuple[float, float], size: float) -> np.ndarray
     raise ValueError(f"unknown form {form!r}")
 
 
+def rgb(colour) -> tuple[int, int, int]:
+    return ALL_COLOURS[colour] if isinstance(colour, str) else tuple(colour)
+
+
 def paint(image: np.ndarray, thing: Thing) -> np.ndarray:
     """Draw `thing` onto `image` in place; returns its mask."""
     mask = form_mask(thing.form, thing.center, thing.size)
-    image[mask] = ALL_COLOURS[thing.colours[0]]
+    image[mask] = rgb(thing.colours[0])
     if thing.form == "two_tone_triangle":
         xs, _ = _grid()
         right = mask & (xs > thing.center[0])
-        image[right] = ALL_COLOURS[thing.colours[1]]
+        image[right] = rgb(thing.colours[1])
     return mask
 
 
@@ -240,3 +244,33 @@ def random_mixed_scene(seed: int) -> Scene:
     positions = _positions(rng, 2)
     style = str(rng.choice(STYLE_TRIGGERS)) if rng.random() < 0.3 else None
     return mixed_scene(list(zip((first, second)[:: int(rng.choice([1, -1]))], positions)), style, seed)
+
+
+FORMS = ("circle", "square", "triangle", "ring", "plus", "two_tone_triangle")
+
+
+def free_colour_scene(seed: int) -> Scene:
+    """Any form in any colour on any background: teaches the VAE colours no caption names."""
+    rng = np.random.default_rng(seed)
+    count = int(rng.integers(1, 3))
+    things = [
+        place(rng, str(rng.choice(FORMS)), tuple(tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(2)),
+              pos, _size_range(count))
+        for pos in _positions(rng, count)
+    ]
+    return render(things, "", tuple(int(v) for v in rng.integers(0, 256, 3)))
+
+
+def varied_scene(seed: int) -> Scene:
+    """The VAE's and the toy CLIP's data: base scenes, concepts, mixed scenes and free colours.
+
+    The VAE must decode what LoRAs will later teach the UNet, so it sees more than the base model.
+    """
+    draw = np.random.default_rng([seed, 1]).random()
+    if draw < 0.4:
+        return base_scene(seed)
+    if draw < 0.6:
+        return concept_scene(list(CONCEPTS)[seed % len(CONCEPTS)], seed)
+    if draw < 0.8:
+        return random_mixed_scene(seed)
+    return free_colour_scene(seed)
