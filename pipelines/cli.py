@@ -11,6 +11,9 @@ from compose.errors import ComposeError
 # Modules that define a subcommand with `register(subparsers)`; the parser's `run(args)` does the work.
 COMMANDS = (
     "pipelines.generate",
+    "ui.cli",
+    "eval.bench",
+    "pipelines.profile",
 )
 
 

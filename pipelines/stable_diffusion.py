@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -122,6 +123,7 @@ class MultiLoraStableDiffusionPipeline(StableDiffusionPipeline):
             )  # fmt: skip
             extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
             prepared = True
+            ctx.outputs.update(loras=resolved, options=dataclasses.asdict(composer.options))
             composer.prepare(ctx)
             self._num_timesteps = len(ctx.timesteps)
             with self.progress_bar(total=len(ctx.timesteps)) as progress_bar:

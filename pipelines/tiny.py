@@ -106,7 +106,7 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-def random_lora_layers(pipe, seed: int, rank: int = 4, text_encoder: bool = False, strength: float = 0.3):
+def random_lora_layers(pipe, seed: int, rank: int = 4, text_encoder: bool = False, strength: float = 0.1):
     """Random (A, B) pairs for every attention projection; big enough to change the image visibly."""
     generator = torch.Generator().manual_seed(seed)
     components = [("unet", pipe.unet, UNET_TARGETS)]

@@ -6,12 +6,35 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import logging
+
 import pytest
 import torch
 
 from pipelines.tiny import tiny_pipeline, write_random_lora
 
 PROMPT = "a sks cat and a zwx dog"
+
+
+class _IgnoredKwargs(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        if "are not expected by" in record.getMessage():
+            self.messages.append(record.getMessage())
+
+
+@pytest.fixture(autouse=True)
+def fail_on_ignored_attention_kwargs():
+    """diffusers drops cross_attention_kwargs a processor does not declare: a method option silently did nothing."""
+    handler = _IgnoredKwargs()
+    logger = logging.getLogger("diffusers.models.attention_processor")
+    logger.addHandler(handler)
+    yield
+    logger.removeHandler(handler)
+    assert not handler.messages, handler.messages
 
 
 @pytest.fixture(scope="session")
@@ -51,4 +74,5 @@ def generator(seed: int = 0) -> torch.Generator:
 
 def run(pipe, prompt=PROMPT, steps=3, seed=0, **kwargs):
     """A short, seeded call returning numpy images."""
-    return pipe(prompt, num_inference_steps=steps, generator=generator(seed), output_type="np", **kwargs)
+    kwargs.setdefault("output_type", "np")
+    return pipe(prompt, num_inference_steps=steps, generator=generator(seed), **kwargs)

@@ -1,0 +1,145 @@
+"""`loracompose bench`: seconds, UNet calls and peak memory per image of each method, side by side.
+
+Every configuration runs once to warm up, then the configurations take turns for each repeat, so
+slow drift of a shared machine hits all of them alike; ratios are taken against single-LoRA
+generation (merge with the first LoRA) measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from compose.errors import ComposeError
+from compose.methods import METHODS
+from compose.saving import save_lora
+from compose.spec import LoraSpec
+from pipelines.loading import load_pipeline
+from pipelines.tiny import random_lora_layers
+
+from .memory import PeakMemory
+
+TRIGGERS = ("sks", "zwx", "vrn", "qpl", "bkt", "fjh")
+CONCEPTS = ("cat", "dog", "car", "tree", "house", "man")
+
+
+@dataclass
+class BenchRow:
+    method: str
+    num_loras: int
+    seconds: float
+    ratio: float
+    unet_calls: float
+    unet_passes: float
+    peak_mb: float
+    error: str | None = None
+
+
+def bench_loras(pipe, count: int, folder: Path) -> list[LoraSpec]:
+    """Random LoRAs with triggers, concept words and side-by-side boxes, so every method can run."""
+    specs = []
+    for index in range(count):
+        path = save_lora(
+            folder / f"lora{index}.safetensors", random_lora_layers(pipe, seed=index + 1), 4, 4.0,
+            trigger=TRIGGERS[index], concept=CONCEPTS[index],
+        )  # fmt: skip
+        box = (0.0, index / count, 1.0, (index + 1) / count)
+        specs.append(LoraSpec(path, trigger=TRIGGERS[index], concept=CONCEPTS[index], region=box))
+    return specs
+
+
+def bench_prompt(count: int) -> str:
+    return " and ".join(f"a {TRIGGERS[i]} {CONCEPTS[i]}" for i in range(count))
+
+
+def run_benchmark(pipe, methods, counts, steps=10, repeats=3, size=None, options=None) -> list[BenchRow]:
+    options = options or {}
+    if max(counts) > len(TRIGGERS) or min(counts) < 1:
+        raise ComposeError(f"--num-loras must be between 1 and {len(TRIGGERS)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = bench_loras(pipe, max(counts), Path(tmp))
+        configs = [("single", 1)] + [(m, n) for n in counts for m in methods]
+
+        def once(method, count):
+            name = "merge" if method == "single" else method
+            with PeakMemory() as peak:
+                start = time.perf_counter()
+                out = pipe(
+                    bench_prompt(count), loras=specs[:count], method=name, method_options=options.get(name),
+                    num_inference_steps=steps, height=size, width=size, generator=torch.Generator().manual_seed(0),
+                    output_type="np",
+                )  # fmt: skip
+                seconds = time.perf_counter() - start
+            return seconds, out.unet_calls, out.unet_passes, peak.rss_bytes / 2**20
+
+        errors, samples = {}, {config: [] for config in configs}
+        for config in configs:  # warm-up: loads adapters, fills caches
+            try:
+                once(*config)
+            except ComposeError as error:
+                errors[config] = str(error)
+        for _ in range(repeats):
+            for config in configs:
+                if config not in errors:
+                    samples[config].append(once(*config))
+    if ("single", 1) in errors:
+        raise ComposeError(f"single-LoRA generation failed: {errors[('single', 1)]}")
+    single = statistics.median(s[0] for s in samples[("single", 1)])
+    rows = []
+    for config in configs:
+        if config in errors:
+            rows.append(BenchRow(*config, float("nan"), float("nan"), 0, 0, 0, errors[config]))
+            continue
+        seconds = statistics.median(s[0] for s in samples[config])
+        calls, passes = samples[config][0][1:3]
+        peak = max(s[3] for s in samples[config])
+        rows.append(BenchRow(*config, seconds, seconds / single, calls, passes, peak))
+    return rows
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    lines = [f"{'method':<10} {'N':>2} {'s/image':>9} {'x single':>9} {'UNet calls':>10} {'passes':>7} {'peak MB':>8}"]
+    for r in rows:
+        if r.error:
+            lines.append(f"{r.method:<10} {r.num_loras:>2}  error: {r.error}")
+        else:
+            lines.append(
+                f"{r.method:<10} {r.num_loras:>2} {r.seconds:>9.3f} {r.ratio:>9.2f} {r.unet_calls:>10.0f} "
+                f"{r.unet_passes:>7.0f} {r.peak_mb:>8.1f}"
+            )
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    pipe = load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    options = {}
+    for text in args.option:
+        method, _, assignment = text.partition(":")
+        key, _, value = assignment.partition("=")
+        options.setdefault(method, {})[key] = json.loads(value)
+    rows = run_benchmark(pipe, args.methods, args.num_loras, args.steps, args.repeats, args.size, options)
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2))
+        print(f"saved {args.json}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="time every method against single-LoRA generation")
+    parser.add_argument("--model", default="tiny", help="diffusers folder, hub id, or 'tiny' (default)")
+    parser.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS))
+    parser.add_argument("--num-loras", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, help="image size in pixels (default: the model's)")
+    parser.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE")
+    parser.add_argument("--json", help="also save the rows as JSON here")
+    parser.set_defaults(run=run)

@@ -1,0 +1,137 @@
+"""LoRA files: formats, metadata, and every bad-input error before any denoising."""
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from compose import LoraSpec
+from compose.errors import (
+    ComposeError,
+    CorruptLoraFileError,
+    DuplicateLoraNameError,
+    IncompatibleLoraError,
+    InvalidWeightError,
+    LoraFileNotFoundError,
+    NoLoraKeysError,
+    NotSafetensorsError,
+)
+from compose.loading import inspect_lora_file, resolve_loras, trigger_from_metadata
+from tests.conftest import PROMPT, run
+
+
+def test_trigger_and_concept_read_from_metadata(pipe, loras):
+    [lora] = resolve_loras(pipe, [loras["cat"]])
+    assert (lora.adapter, lora.trigger, lora.concept) == ("cat", "sks", "cat")
+    [overridden] = resolve_loras(pipe, [LoraSpec(loras["cat"], trigger="qqq", concept="kitten")])
+    assert (overridden.trigger, overridden.concept) == ("qqq", "kitten")
+
+
+def test_kohya_tag_frequency_gives_most_frequent_tag():
+    tags = {"10_sks": {"sks": 40, "cat": 12}, "reg": {"cat": 20}}
+    assert trigger_from_metadata({"ss_tag_frequency": json.dumps(tags)}) == "sks"
+    assert trigger_from_metadata({"ss_tag_frequency": "not json"}) is None
+
+
+def test_kohya_layout_detected_with_text_encoder(loras):
+    info = inspect_lora_file(loras["te_kohya"])
+    assert info.format == "kohya"
+    assert info.components == {"unet", "text_encoder"}
+    assert inspect_lora_file(loras["te"]).layers == info.layers
+
+
+def test_kohya_and_peft_files_of_same_weights_give_same_image(pipe, loras):
+    peft_image = run(pipe, loras=[LoraSpec(loras["te"], name="a")]).images
+    kohya_image = run(pipe, loras=[LoraSpec(loras["te_kohya"], name="b")]).images
+    plain = run(pipe).images
+    assert abs(peft_image - plain).max() > 1e-2  # the LoRA does something
+    assert abs(peft_image - kohya_image).max() < 1e-5
+
+
+def test_alpha_scale_kept(pipe, loras):
+    resolve = resolve_loras(pipe, [loras["cat"]])
+    from compose.loading import load_adapters
+
+    load_adapters(pipe, resolve)
+    layer = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k
+    assert layer.scaling["cat"] == pytest.approx(8.0 / 4)  # alpha 8, rank 4
+
+
+def test_missing_file(pipe, tmp_path):
+    with pytest.raises(LoraFileNotFoundError, match="does not exist"):
+        resolve_loras(pipe, [tmp_path / "nope.safetensors"])
+
+
+def test_folder_with_several_files_asks_for_one(pipe, loras):
+    with pytest.raises(LoraFileNotFoundError, match="several"):
+        resolve_loras(pipe, [loras["cat"].parent])
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".ckpt", ".safetensors"])
+def test_pickles_refused_without_unpickling(pipe, tmp_path, suffix):
+    path = tmp_path / f"evil{suffix}"
+    torch.save({"x": torch.zeros(1)}, path)  # a zip-based pickle, whatever its name
+    with pytest.raises(NotSafetensorsError, match="pickle"):
+        resolve_loras(pipe, [path])
+
+
+def test_corrupt_header(pipe, tmp_path):
+    bad_length = tmp_path / "bad_length.safetensors"
+    bad_length.write_bytes(struct.pack("<Q", 10**9) + b"{}")
+    bad_json = tmp_path / "bad_json.safetensors"
+    bad_json.write_bytes(struct.pack("<Q", 5) + b"{nope" + b"\0" * 8)
+    for path in (bad_length, bad_json):
+        with pytest.raises(CorruptLoraFileError, match=path.name):
+            resolve_loras(pipe, [path])
+
+
+def test_no_lora_keys(pipe, tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"conv_in.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(NoLoraKeysError, match="full model"):
+        resolve_loras(pipe, [path])
+
+
+def test_wrong_shapes_look_like_another_model(pipe, tmp_path):
+    path = tmp_path / "sdxl_like.safetensors"
+    module = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    save_file({f"{module}.lora_A.weight": torch.zeros(4, 2048), f"{module}.lora_B.weight": torch.zeros(64, 4)}, str(path))
+    with pytest.raises(IncompatibleLoraError, match="SDXL"):
+        resolve_loras(pipe, [path])
+
+
+def test_missing_layers_look_like_another_model(pipe, tmp_path):
+    path = tmp_path / "sgm.safetensors"
+    stem = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
+    save_file({f"{stem}.lora_down.weight": torch.zeros(4, 2048), f"{stem}.lora_up.weight": torch.zeros(640, 4)}, str(path))
+    with pytest.raises(IncompatibleLoraError, match="do not exist"):
+        resolve_loras(pipe, [path])
+
+
+def test_duplicate_names(pipe, loras):
+    with pytest.raises(DuplicateLoraNameError, match="cat"):
+        resolve_loras(pipe, [loras["cat"], LoraSpec(loras["dog"], name="cat")])
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), "1", True])
+def test_weight_must_be_finite_number(loras, weight):
+    with pytest.raises(InvalidWeightError, match="finite"):
+        LoraSpec(loras["cat"], weight=weight)
+
+
+def test_errors_raised_before_any_denoising(pipe, loras, tmp_path):
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ComposeError):
+        run(pipe, PROMPT, loras=[loras["cat"], tmp_path / "nope.safetensors"])
+    assert calls == []
+
+
+def test_cli_form_of_spec():
+    assert (LoraSpec.parse("a/b.safetensors:0.5").source, LoraSpec.parse("a/b.safetensors:0.5").weight) == (
+        "a/b.safetensors",
+        0.5,
+    )
+    assert LoraSpec.parse("C:/x.safetensors").weight == 1.0
