@@ -87,13 +87,18 @@ def model_identity(pipe) -> str:
         model = getattr(pipe, name, None)
         if model is None:
             continue
-        config = dict(model.config) if isinstance(model.config, dict) else model.config.to_dict()
-        config = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
-        digest.update(f"{name}:{type(model).__name__}:{json.dumps(config, sort_keys=True, default=str)}".encode())
+        config = model.config if isinstance(model.config, dict) else model.config.to_dict()
+        digest.update(f"{name}:{type(model).__name__}:{_config_json(config)}".encode())
         params = [p for n, p in model.named_parameters() if "lora_" not in n]
         for param in (params[0], params[len(params) // 2], params[-1]):
             digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _config_json(config) -> str:
+    """A config as stable text: private keys (e.g. diffusers' unordered `_use_default_values`) and versions dropped."""
+    kept = {k: v for k, v in dict(config).items() if not k.startswith("_") and k != "transformers_version"}
+    return json.dumps(kept, sort_keys=True, default=str)
 
 
 def profile_key(lora: ResolvedLora, model: str, pipe, settings: ProfileSettings) -> str:
@@ -104,7 +109,7 @@ def profile_key(lora: ResolvedLora, model: str, pipe, settings: ProfileSettings)
         "lora": lora.sha256,
         "weight": lora.weight,
         "model": model,
-        "scheduler": [type(scheduler).__name__, json.dumps(dict(scheduler.config), sort_keys=True, default=str)],
+        "scheduler": [type(scheduler).__name__, _config_json(scheduler.config)],
         "steps": settings.steps,
         "seed": settings.seed,
         "guidance_scale": settings.guidance_scale,

@@ -176,3 +176,27 @@ def test_order_naming_other_loras_fails_before_denoising(pipe, loras):
     with pytest.raises(InvalidOptionError, match="high_count"):
         run(pipe, loras=three(loras), method="cmlora", method_options=dict(order=ORDER, high_count=4))
     assert not calls
+
+
+def _profile_command(argv):
+    import argparse
+
+    from pipelines import profile
+
+    parser = argparse.ArgumentParser()
+    profile.register(parser.add_subparsers())
+    args = parser.parse_args(["profile", *argv])
+    return args.run(args)
+
+
+def test_profile_command_prints_the_ranking_and_plots(loras, tmp_path, capsys):
+    plot = tmp_path / "spectra.png"
+    argv = ["--model", "tiny", "--lora", str(loras["cat"]), "--lora", f"{loras['car']}:0.5", "--steps", "1"]
+    assert _profile_command([*argv, "--cache-dir", str(tmp_path), "--out", str(plot)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    ranked = [line.split()[2] for line in lines[1:3]]
+    assert sorted(ranked) == ["car", "cat"] and plot.stat().st_size > 0
+    scores = [float(line.split()[1]) for line in lines[1:3]]
+    assert scores == sorted(scores, reverse=True)
+    _profile_command([*argv, "--cache-dir", str(tmp_path)])
+    assert capsys.readouterr().out.count("(cached)") == 2
