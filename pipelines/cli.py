@@ -13,6 +13,8 @@ COMMANDS = (
     "pipelines.generate",
     "ui.cli",
     "eval.bench",
+    "eval.harness",
+    "eval.report",
     "pipelines.profile",
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import UnknownMethodError
 from .base import CompositionMethod
+from .clora import CloraMethod
 from .cmlora import CmloraMethod
 from .composer import ComposerMethod
 from .composite import CompositeMethod
@@ -17,6 +18,7 @@ METHODS: dict[str, type[CompositionMethod]] = {
         SwitchMethod,
         CompositeMethod,
         CmloraMethod,
+        CloraMethod,
         ComposerMethod,
     )
 }

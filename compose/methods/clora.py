@@ -1,0 +1,237 @@
+"""clora: CLoRA (Meral et al., 2024): per-LoRA passes, contrastive latent updates, mask-fused predictions.
+
+Every step runs the base model and each concept LoRA on its own prompt as one batched forward,
+reads their cross-attention maps at 1/32 of the image, and (early on) nudges the latent so that
+the maps of different concepts separate. Each LoRA's prediction then only counts where its own
+concept attends; the base model fills the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..adapters import BASE, per_sample_adapters, tuner_layers
+from ..attention.capture import AttentionStore, CaptureAttnProcessor
+from ..attention.regions import ForwardTruncated
+from ..attention.layers import attention_layers, install_processors, layer_grid, layers_near_factor
+from ..concept_prompts import Concept, ConceptError, MissingConceptError, concept_prompts, infer_concept
+from ..context import Pass
+from ..contrastive import concept_token_loss
+from ..errors import InvalidOptionError
+from ..lora_delta import lora_delta
+from ..masks import MORPHOLOGY, attention_masks, fuse_noise_predictions
+from .base import CompositionMethod, require
+
+MAP_FACTOR = 4  # latent downsampling of the maps CLoRA reads: 1/32 of the image (16x16 at 512 px)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_step(value) -> bool:
+    """A step given as a count (int >= 0) or as a fraction of the steps (float in [0, 1])."""
+    if isinstance(value, bool):
+        return False
+    return (isinstance(value, int) and value >= 0) or (isinstance(value, float) and 0.0 <= value <= 1.0)
+
+
+def step_index(value: int | float, steps: int) -> int:
+    """A count stays as is; a fraction of `steps` rounds down (0.5 of 50 steps -> 25)."""
+    return value if isinstance(value, int) else math.floor(value * steps)
+
+
+@dataclass
+class CloraOptions:
+    step_size: float = 20.0  # latent step per update (the paper's value for SD 1.5)
+    max_iter_to_alter: int | float = 0.5  # steps i < this update the latent: a count, or a fraction of the steps
+    refinement_steps: tuple[int | float, ...] = (0.0, 0.2, 0.4)  # steps that repeat the update ({0,10,20} of 50)
+    refinement_rounds: int = 20  # updates at a refinement step
+    tau: float = 0.5  # NT-Xent temperature
+    alpha: float = 0.35  # mask threshold, relative to each token map's peak
+    morphology: str = "none"  # 3x3 clean-up of each mask: none, dilate, erode, open, close
+    apply_mask_after: int | float = 0.1  # before this step the predictions are averaged (all masks on)
+    use_uncond_maps: bool = False  # average the unconditional half's maps in, as the reference does
+    recompute_after_update: bool = True  # predict on the updated latent (the reference reuses the stale one)
+    style_lora: str | None = None  # name of a LoRA added to every pass instead of getting a pass of its own
+    style_weight: float | None = None  # its weight; None keeps the LoRA's own weight
+
+    def __post_init__(self):
+        if isinstance(self.refinement_steps, list):
+            self.refinement_steps = tuple(self.refinement_steps)
+        require(_is_number(self.step_size) and self.step_size >= 0, f"clora option step_size must be a number >= 0, got {self.step_size!r}")
+        require(_is_step(self.max_iter_to_alter), f"clora option max_iter_to_alter must be a step count (int >= 0) or a fraction in [0, 1], got {self.max_iter_to_alter!r}")
+        require(
+            isinstance(self.refinement_steps, tuple) and all(_is_step(s) for s in self.refinement_steps),
+            f"clora option refinement_steps must be a list of step counts or fractions in [0, 1], got {self.refinement_steps!r}",
+        )
+        require(
+            isinstance(self.refinement_rounds, int) and not isinstance(self.refinement_rounds, bool) and self.refinement_rounds >= 1,
+            f"clora option refinement_rounds must be a whole number >= 1, got {self.refinement_rounds!r}",
+        )
+        require(_is_number(self.tau) and self.tau > 0, f"clora option tau must be a number > 0, got {self.tau!r}")
+        require(_is_number(self.alpha) and 0 <= self.alpha < 1, f"clora option alpha must be a number in [0, 1), got {self.alpha!r}")
+        require(self.morphology in MORPHOLOGY, f"clora option morphology must be one of {MORPHOLOGY}, got {self.morphology!r}")
+        require(_is_step(self.apply_mask_after), f"clora option apply_mask_after must be a step count (int >= 0) or a fraction in [0, 1], got {self.apply_mask_after!r}")
+        for flag in ("use_uncond_maps", "recompute_after_update"):
+            require(isinstance(getattr(self, flag), bool), f"clora option {flag} must be true or false, got {getattr(self, flag)!r}")
+        require(self.style_lora is None or isinstance(self.style_lora, str), f"clora option style_lora must be a LoRA name, got {self.style_lora!r}")
+        require(self.style_weight is None or _is_number(self.style_weight), f"clora option style_weight must be a number, got {self.style_weight!r}")
+
+
+class CloraMethod(CompositionMethod):
+    name = "clora"
+    options_class = CloraOptions
+
+    def check(self, pipe, prompt, loras):
+        self.style, self.concept_loras = self._split(loras)
+        concepts = [self._concept(prompt, lora) for lora in self.concept_loras]
+        self.plan = concept_prompts(pipe.tokenizer, prompt, concepts)
+
+    def _split(self, loras):
+        """(style LoRA or None, concept LoRAs)."""
+        names = [lora.adapter for lora in loras]
+        if self.options.style_lora is not None and self.options.style_lora not in names:
+            raise InvalidOptionError(f"clora option style_lora '{self.options.style_lora}' names none of the LoRAs {names}")
+        style = next((lora for lora in loras if lora.adapter == self.options.style_lora), None)
+        concept_loras = [lora for lora in loras if lora is not style]
+        if not concept_loras:
+            raise ConceptError("clora needs at least one concept LoRA besides the style LoRA")
+        return style, concept_loras
+
+    @staticmethod
+    def _concept(prompt, lora) -> Concept:
+        word = lora.concept or infer_concept(lora.spec.prompt or prompt, lora.trigger)
+        if not word:
+            raise MissingConceptError(
+                f"clora needs the concept word of LoRA '{lora.adapter}' (the plain class word its trigger stands for, "
+                "e.g. 'dog') to find its attention map; pass LoraSpec(..., concept='dog')"
+            )
+        return Concept(lora.adapter, lora.trigger, word, lora.spec.prompt)
+
+    def prepare(self, ctx):
+        style_text = {}
+        if self.style is not None:
+            style_weight = self.style.weight if self.options.style_weight is None else self.options.style_weight
+            style_text = {self.style.adapter: style_weight} if self.style.has_text_encoder else {}
+            self._hooks = add_adapter_to_every_pass(ctx.unet, self.style.adapter, style_weight)
+        self.passes = [Pass(BASE, *ctx.encode(self.plan.prompts[0], style_text))]
+        for lora, prompt in zip(self.concept_loras, self.plan.prompts[1:]):
+            own_text = {lora.adapter: lora.weight} if lora.has_text_encoder else {}
+            self.passes.append(Pass(lora.adapter, *ctx.encode(prompt, own_text | style_text)))
+
+        self.layers = layers_near_factor(ctx.unet, MAP_FACTOR, cross=True)
+        factor = next(layer.factor for layer in attention_layers(ctx.unet) if layer.name == self.layers[0])
+        self.grid = layer_grid(ctx.latent_hw, factor)
+        self.store = TruncatingStore(self.layers)
+        install_processors(ctx.unet, {name: CaptureAttnProcessor(self.store, name) for name in self.layers})
+
+        steps = len(ctx.timesteps)
+        self.update_until = step_index(self.options.max_iter_to_alter, steps)
+        self.refine_at = {step_index(s, steps) for s in self.options.refinement_steps}
+        self.mask_from = step_index(self.options.apply_mask_after, steps)
+        ctx.outputs.update(prompts=list(self.plan.prompts), pass_adapters=[p.adapter for p in self.passes], losses=[])
+
+    def noise_prediction(self, ctx, latents, t, i):
+        pairs, losses = None, []
+        if i < self.update_until and len(self.concept_loras) > 1:
+            rounds = self.options.refinement_rounds if i in self.refine_at else 1
+            for _ in range(rounds):
+                latents, pairs, loss = self._update_latents(ctx, latents, t)
+                losses.append(loss)
+        if pairs is None:
+            pairs = ctx.predict(latents, t, self.passes)
+        maps = self._maps(latents.shape[0], 2 if ctx.do_cfg else 1)
+        if i >= self.mask_from:
+            masks = attention_masks(maps, self.plan.mask_tokens, self.options.alpha, self.options.morphology)
+        else:
+            masks = torch.ones(maps.shape[:-1], dtype=maps.dtype, device=maps.device)
+        uncond = fuse_noise_predictions(torch.stack([u for u, _ in pairs]), masks)
+        cond = fuse_noise_predictions(torch.stack([c for _, c in pairs]), masks)
+        single = latents.shape[0] == 1  # one image: (K, h, w); several: (images, K, h, w)
+        ctx.outputs["masks"] = masks[:, 0] if single else masks.transpose(0, 1)
+        ctx.outputs["attention_maps"] = maps[:, 0] if single else maps.transpose(0, 1)
+        ctx.outputs["losses"].append(losses)
+        return ctx.guide(uncond, cond), latents
+
+    def _update_latents(self, ctx, latents, t):
+        """One gradient step on the contrastive loss: (new latents, predictions or None, loss).
+
+        With recompute_after_update the forward only computes what the loss reads (conditional
+        half, cut after the map layers); without it, it is the full CFG forward whose (then stale)
+        predictions the reference uses, returned here.
+        """
+        latents = latents.detach().requires_grad_(True)
+        self.store.keep_grad = True
+        try:
+            with torch.enable_grad():
+                if self.options.recompute_after_update:
+                    pairs, halves = None, self._map_forward(ctx, latents, t)
+                else:
+                    pairs, halves = ctx.predict(latents, t, self.passes), 2 if ctx.do_cfg else 1
+                maps = self._maps(latents.shape[0], halves)
+                loss = sum(concept_token_loss(m, self.plan.concept_tokens, self.options.tau) for m in maps.unbind(1))
+                (grad,) = torch.autograd.grad(loss, latents)
+        finally:
+            self.store.keep_grad = False
+            self.store.maps = {name: probs.detach() for name, probs in self.store.maps.items()}
+        kept = None if pairs is None else [(u.detach(), c.detach()) for u, c in pairs]
+        return (latents - self.options.step_size * grad).detach(), kept, float(loss)
+
+    def _map_forward(self, ctx, latents, t) -> int:
+        """All passes on their conditional embeddings (and negative ones with use_uncond_maps), stopped
+        once the map layers ran; returns how many halves the batch had."""
+        halves = 2 if self.options.use_uncond_maps and ctx.do_cfg else 1
+        embeds = [e for p in self.passes for e in ((p.negative_embeds, p.embeds) if halves == 2 else (p.embeds,))]
+        names = [p.adapter for p in self.passes for _ in range(halves * latents.shape[0])]
+        model_input = ctx.pipe.scheduler.scale_model_input(latents, t).repeat(halves * len(self.passes), 1, 1, 1)
+        ctx.unet_calls += 1
+        ctx.unet_passes += len(self.passes)
+        self.store.clear()
+        self.store.truncate = True
+        try:
+            with per_sample_adapters(ctx.unet, names):
+                ctx.unet(model_input, t, encoder_hidden_states=torch.cat(embeds), cross_attention_kwargs=ctx.cross_attention_kwargs)
+        except ForwardTruncated:
+            pass
+        finally:
+            self.store.truncate = False
+        return halves
+
+    def _maps(self, images: int, halves: int) -> torch.Tensor:
+        """Head- and layer-averaged maps (K, images, h, w, tokens) of the cond half (or both halves)."""
+        stored = self.store.mean(self.layers)
+        maps = stored.view(len(self.passes), halves, images, *self.grid, stored.shape[-1])
+        return maps.mean(dim=1) if self.options.use_uncond_maps else maps[:, -1]
+
+    def release(self, ctx):
+        for hook in getattr(self, "_hooks", []):
+            hook.remove()
+
+
+class TruncatingStore(AttentionStore):
+    """An AttentionStore that ends the UNet forward, when asked to, once all its layers recorded."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = frozenset(layers)
+        self.truncate = False
+
+    def record(self, name, probs):
+        super().record(name, probs)
+        if self.truncate and self.layers <= set(self.maps):
+            raise ForwardTruncated
+
+
+def add_adapter_to_every_pass(unet, adapter: str, weight: float):
+    """Forward hooks adding `adapter`'s delta to every sample, on top of the per-sample adapters.
+
+    peft's mixed batches give each sample one adapter; a style LoRA has to ride along on all of them.
+    """
+    layers = [layer for layer in tuner_layers(unet) if adapter in getattr(layer, "lora_A", {})]
+    for layer in layers:
+        layer.set_scale(adapter, weight)  # the loop's snapshot restores the scale afterwards
+    return [layer.register_forward_hook(lambda layer, args, out: out + lora_delta(layer, adapter, args[0])) for layer in layers]
