@@ -1,0 +1,525 @@
+"""`loracompose eval CONFIG`: generate a grid of images with several methods, score them, log one row each.
+
+The grid is prompt x LoRA set x method x seed. Every row is appended to a JSON-lines file right
+after its image is written, so a killed run rerun with the same command skips the finished rows.
+Under `accelerate launch --num_processes K` each process takes a contiguous slice of the pending
+rows and writes its own shard file; the main process merges them in grid order at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compose.errors import ComposeError
+from compose.loading import resolve_loras
+from compose.methods import build_method
+from compose.spec import LoraSpec, ResolvedLora
+
+from .clipscore import CONVENTIONS, CLIPScorer, default_clip
+from .errors import ClipModelError, EvalConfigError
+from .memory import PeakMemory
+
+RESULTS = "results.jsonl"
+IMAGES = "images"
+CONFIG_FIELDS = {
+    "model", "prompts", "lora_sets", "methods", "seeds", "steps", "size", "guidance", "negative_prompt",
+    "clip", "clip_pretrained", "clip_convention",
+}  # fmt: skip
+REQUIRED_FIELDS = ("prompts", "lora_sets", "methods", "seeds")
+LORA_FIELDS = {"file", "weight", "trigger", "concept", "region", "prompt", "name"}
+METHOD_FIELDS = {"name", "options", "label"}
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """A method with its options; `label` tells two option sets of one method apart in the results."""
+
+    label: str
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    prompts: list[str]
+    lora_sets: dict[str, list[dict[str, Any]]]
+    methods: list[MethodEntry]
+    seeds: list[int]
+    steps: int = 20
+    height: int = 512
+    width: int = 512
+    guidance: float = 7.5
+    negative_prompt: str = ""
+    clip: str | None = None
+    clip_pretrained: str | None = None
+    clip_convention: str = "torchmetrics"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One cell of the grid: one image."""
+
+    prompt: str
+    lora_set: str
+    method: MethodEntry
+    seed: int
+
+
+def load_config(path: str | Path) -> EvalConfig:
+    """Read a .toml/.yaml/.json config and check every field; relative paths are taken from its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalConfigError("CONFIG", f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            raw = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            raise EvalConfigError("CONFIG", f"{path} must end in .toml, .yaml, .yml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as error:
+        if isinstance(error, EvalConfigError):
+            raise
+        raise EvalConfigError("CONFIG", f"{path} cannot be parsed: {error}") from error
+    if not isinstance(raw, dict):
+        raise EvalConfigError("CONFIG", f"{path} must hold a table of fields, got {type(raw).__name__}")
+    return parse_config(raw, path.parent)
+
+
+def parse_config(raw: dict[str, Any], base: Path) -> EvalConfig:
+    unknown = sorted(set(raw) - CONFIG_FIELDS)
+    if unknown:
+        raise EvalConfigError(unknown[0], f"unknown field; valid fields are {sorted(CONFIG_FIELDS)}")
+    for name in REQUIRED_FIELDS:
+        if name not in raw:
+            raise EvalConfigError(name, "missing; it is required")
+    height, width = _size(raw.get("size", 512))
+    convention = raw.get("clip_convention", "torchmetrics")
+    if convention not in CONVENTIONS:
+        raise EvalConfigError("clip_convention", f"{convention!r} is not one of {sorted(CONVENTIONS)}")
+    model = _text(raw.get("model", "tiny"), "model")
+    if model != "tiny" and (base / model).exists():
+        model = str((base / model).resolve())
+    clip = raw.get("clip")
+    if clip is not None:
+        clip = _text(clip, "clip")
+        clip = str((base / clip).resolve()) if (base / clip).exists() else clip
+    elif default_clip() is None:
+        raise EvalConfigError(
+            "clip", "missing: no toy-world CLIP is installed, so give a CLIP model folder (or an open_clip architecture)"
+        )
+    pretrained = raw.get("clip_pretrained")
+    if pretrained is not None:
+        pretrained = _text(pretrained, "clip_pretrained")
+        pretrained = str((base / pretrained).resolve()) if (base / pretrained).is_file() else pretrained
+    return EvalConfig(
+        model=model,
+        prompts=_prompts(raw["prompts"]),
+        lora_sets=_lora_sets(raw["lora_sets"], base),
+        methods=_methods(raw["methods"]),
+        seeds=_seeds(raw["seeds"]),
+        steps=_whole(raw.get("steps", 20), "steps", minimum=1),
+        height=height,
+        width=width,
+        guidance=_number(raw.get("guidance", 7.5), "guidance"),
+        negative_prompt=_text(raw.get("negative_prompt", ""), "negative_prompt", empty=True),
+        clip=clip,
+        clip_pretrained=pretrained,
+        clip_convention=convention,
+    )
+
+
+def _text(value, name: str, empty: bool = False) -> str:
+    if not isinstance(value, str) or (not empty and not value.strip()):
+        raise EvalConfigError(name, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _whole(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise EvalConfigError(name, f"must be a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise EvalConfigError(name, f"must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _size(value) -> tuple[int, int]:
+    pair = [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(pair, list) or len(pair) != 2:
+        raise EvalConfigError("size", f"must be one number or [height, width], got {value!r}")
+    for side in pair:
+        if isinstance(side, bool) or not isinstance(side, int) or side < 8 or side % 8:
+            raise EvalConfigError("size", f"sides must be whole multiples of 8 (the VAE's factor), got {value!r}")
+    return pair[0], pair[1]
+
+
+def _prompts(value) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise EvalConfigError("prompts", f"must be a non-empty list of strings, got {value!r}")
+    return [_text(prompt, f"prompts[{i}]") for i, prompt in enumerate(value)]
+
+
+def _seeds(value) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise EvalConfigError("seeds", f"must be a non-empty list of whole numbers, got {value!r}")
+    for i, seed in enumerate(value):
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise EvalConfigError(f"seeds[{i}]", f"must be a whole number in [0, 2**63), got {seed!r}")
+    if len(set(value)) != len(value):
+        raise EvalConfigError("seeds", f"lists a seed twice: {value}")
+    return list(value)
+
+
+def _methods(value) -> list[MethodEntry]:
+    if not isinstance(value, list) or not value:
+        raise EvalConfigError("methods", "must be a non-empty list of method names or {name, options, label} tables")
+    methods = []
+    for i, entry in enumerate(value):
+        where = f"methods[{i}]"
+        entry = {"name": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict):
+            raise EvalConfigError(where, f"must be a method name or a table, got {entry!r}")
+        unknown = sorted(set(entry) - METHOD_FIELDS)
+        if unknown:
+            raise EvalConfigError(f"{where}.{unknown[0]}", f"unknown field; valid fields are {sorted(METHOD_FIELDS)}")
+        name = _text(entry.get("name"), f"{where}.name")
+        options = entry.get("options") or {}
+        if not isinstance(options, dict):
+            raise EvalConfigError(f"{where}.options", f"must be a table of option values, got {options!r}")
+        try:
+            build_method(name, options)
+        except ComposeError as error:
+            raise EvalConfigError(f"{where}.name" if "unknown method" in str(error) else f"{where}.options", str(error)) from error
+        methods.append(MethodEntry(_text(entry.get("label", name), f"{where}.label"), name, options))
+    labels = [method.label for method in methods]
+    if len(set(labels)) != len(labels):
+        raise EvalConfigError("methods", f"two entries share a label ({labels}); give each a distinct `label`")
+    return methods
+
+
+def _lora_sets(value, base: Path) -> dict[str, list[dict[str, Any]]]:
+    if not isinstance(value, dict) or not value:
+        raise EvalConfigError("lora_sets", "must be a table of named lists of LoRA entries")
+    sets = {}
+    for set_name, entries in value.items():
+        where = f"lora_sets.{set_name}"
+        if not isinstance(entries, list) or not entries:
+            raise EvalConfigError(where, "must be a non-empty list of LoRA entries {file, weight, trigger, ...}")
+        sets[set_name] = [_lora_entry(entry, f"{where}[{i}]", base) for i, entry in enumerate(entries)]
+    return sets
+
+
+def _lora_entry(entry, where: str, base: Path) -> dict[str, Any]:
+    if not isinstance(entry, dict):
+        raise EvalConfigError(where, f"must be a table with at least `file`, got {entry!r}")
+    unknown = sorted(set(entry) - LORA_FIELDS)
+    if unknown:
+        raise EvalConfigError(f"{where}.{unknown[0]}", f"unknown field; valid fields are {sorted(LORA_FIELDS)}")
+    source = base / _text(entry.get("file"), f"{where}.file")
+    if not source.exists():
+        raise EvalConfigError(f"{where}.file", f"LoRA file {source} does not exist")
+    entry = {**entry, "file": str(source.resolve())}
+    try:
+        lora_spec(entry)
+    except ComposeError as error:
+        raise EvalConfigError(where, str(error)) from error
+    return entry
+
+
+def lora_spec(entry: dict[str, Any]) -> LoraSpec:
+    return LoraSpec(
+        entry["file"],
+        weight=entry.get("weight", 1.0),
+        trigger=entry.get("trigger"),
+        concept=entry.get("concept"),
+        region=entry.get("region"),
+        name=entry.get("name"),
+        prompt=entry.get("prompt"),
+    )
+
+
+def expand_grid(config: EvalConfig) -> list[Job]:
+    """Every (prompt, LoRA set, method, seed), in the order rows are reported."""
+    return [
+        Job(prompt, set_name, method, seed)
+        for prompt in config.prompts
+        for set_name in config.lora_sets
+        for method in config.methods
+        for seed in config.seeds
+    ]
+
+
+@dataclass
+class PreparedGrid:
+    """The grid after every check that needs the model: LoRAs resolved and hashed, prompts checked."""
+
+    jobs: list[Job]
+    loras: dict[str, list[ResolvedLora]]
+
+    def recipe(self, config: EvalConfig, job: Job) -> dict[str, Any]:
+        """What `loracompose generate` runs for this job (the same recipe is stored in the PNG)."""
+        return {
+            "model": config.model,
+            "prompt": job.prompt,
+            "negative_prompt": config.negative_prompt,
+            "seed": job.seed,
+            "steps": config.steps,
+            "guidance": config.guidance,
+            "height": config.height,
+            "width": config.width,
+            "method": job.method.name,
+            "options": job.method.options,
+            "loras": [
+                {"source": str(lora.path), "weight": lora.weight, "trigger": lora.trigger, "concept": lora.concept,
+                 "region": lora.recipe()["region"], "name": lora.adapter, "prompt": lora.spec.prompt}
+                for lora in self.loras[job.lora_set]
+            ],
+        }  # fmt: skip
+
+    def job_id(self, config: EvalConfig, job: Job) -> str:
+        """Same settings and same LoRA contents -> same id, wherever the files live."""
+        recipe = self.recipe(config, job)
+        for entry, lora in zip(recipe["loras"], self.loras[job.lora_set]):
+            entry["source"] = lora.sha256
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def prepare_grid(pipe, config: EvalConfig) -> PreparedGrid:
+    """Resolve every LoRA set on the model and run each method's input checks on each prompt."""
+    loras = {}
+    for set_name, entries in config.lora_sets.items():
+        try:
+            loras[set_name] = resolve_loras(pipe, [lora_spec(entry) for entry in entries])
+        except ComposeError as error:
+            raise EvalConfigError(f"lora_sets.{set_name}", str(error)) from error
+    jobs = expand_grid(config)
+    checked = set()
+    for job in jobs:
+        key = (job.prompt, job.lora_set, job.method.label)
+        if key in checked:
+            continue
+        checked.add(key)
+        try:
+            build_method(job.method.name, job.method.options).check(pipe, job.prompt, loras[job.lora_set])
+        except ComposeError as error:
+            where = f"prompts[{config.prompts.index(job.prompt)}]"
+            raise EvalConfigError(where, f"with LoRA set '{job.lora_set}' and method '{job.method.label}': {error}") from error
+    return PreparedGrid(jobs, loras)
+
+
+# Result files: one JSON object per line, each line written whole and fsync'ed after its image.
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a results file; a torn last line (a run killed mid-write) is ignored."""
+    if not path.is_file():
+        return []
+    rows = []
+    lines = path.read_text().split("\n")
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines) - 1:  # only the last line can be torn; anything else is damage
+                raise ComposeError(f"{path}, line {number + 1}, is not valid JSON; remove or repair that line")
+    return rows
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut an unfinished last line so the next row starts on a line of its own."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one row as a single line and force it to disk."""
+    line = json.dumps(row, sort_keys=True) + "\n"
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def result_files(out: Path) -> list[Path]:
+    """results.jsonl first, then the shard files of distributed runs (also of an earlier, killed one)."""
+    return [out / RESULTS, *sorted(out.glob("results.shard-*.jsonl"))]
+
+
+def shard_file(out: Path, index: int, count: int) -> Path:
+    return out / RESULTS if count == 1 else out / f"results.shard-{index}.jsonl"
+
+
+def merge_results(out: Path, order: list[str]) -> list[dict[str, Any]]:
+    """One results.jsonl in grid order (rows of earlier grids after), each id once; shards removed."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in result_files(out):
+        for row in read_rows(path):
+            rows.setdefault(row["id"], row)
+    rank = {job_id: i for i, job_id in enumerate(order)}
+    merged = sorted(rows.values(), key=lambda row: rank.get(row["id"], len(order)))
+    tmp = out / (RESULTS + ".part")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row, sort_keys=True) + "\n" for row in merged)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(out / RESULTS)
+    for path in result_files(out)[1:]:
+        path.unlink()
+    return merged
+
+
+def load_scorer(config: EvalConfig, device) -> CLIPScorer:
+    try:
+        return CLIPScorer(config.clip, config.clip_pretrained, convention=config.clip_convention, device=device)
+    except ClipModelError as error:
+        raise EvalConfigError("clip", str(error)) from error
+
+
+def run_job(pipe, scorer: CLIPScorer, config: EvalConfig, grid: PreparedGrid, job: Job, out: Path) -> dict[str, Any]:
+    """Generate, save (with the recipe) and score one image; returns its row."""
+    from pipelines.generate import generate
+    from pipelines.recipe import save_png_with_recipe
+
+    job_id = grid.job_id(config, job)
+    start = time.perf_counter()
+    with PeakMemory(device=pipe.device) as peak:
+        image, recipe = generate(pipe, grid.recipe(config, job))
+    seconds = time.perf_counter() - start
+    relative = f"{IMAGES}/{job_id}.png"
+    save_png_with_recipe(image, out / relative, recipe)
+    start = time.perf_counter()
+    scores = scorer.score_composition(image, job.prompt, grid.loras[job.lora_set])
+    loras = grid.loras[job.lora_set]
+    return {
+        "id": job_id,
+        "prompt": job.prompt,
+        "negative_prompt": config.negative_prompt,
+        "seed": job.seed,
+        "method": job.method.label,
+        "method_name": job.method.name,
+        "options": recipe.get("options", job.method.options),
+        "lora_set": job.lora_set,
+        "num_loras": len(loras),
+        "loras": [{key: lora.recipe()[key] for key in ("name", "sha256", "weight", "trigger", "concept", "region")}
+                  for lora in loras],
+        "model": config.model,
+        "steps": config.steps,
+        "height": config.height,
+        "width": config.width,
+        "guidance": config.guidance,
+        "clip_model": scorer.name,
+        "clip_convention": scorer.convention,
+        **scores,
+        "seconds": seconds,
+        "score_seconds": time.perf_counter() - start,
+        "peak_memory_mb": peak.peak_bytes / 2**20,
+        "image": relative,
+    }  # fmt: skip
+
+
+def run_eval(config_path: str | Path, out: str | Path | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) the grid of a config; returns the merged rows on the main process, [] elsewhere.
+
+    Everything is checked (config, LoRA files, methods, prompts, CLIP model) before the first image.
+    """
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from pipelines.loading import load_pipeline
+
+    config = load_config(config_path)
+    out = Path(out) if out is not None else default_out(config_path)
+    # Without CUDA the processes talk over gloo; accelerate only picks it when told the run is on CPU.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    try:
+        pipe = load_pipeline(config.model).to(state.device)
+    except ComposeError as error:
+        raise EvalConfigError("model", str(error)) from error
+    pipe.set_progress_bar_config(disable=True)
+    grid = prepare_grid(pipe, config)
+    scorer = load_scorer(config, state.device)
+    order = [grid.job_id(config, job) for job in grid.jobs]
+
+    (out / IMAGES).mkdir(parents=True, exist_ok=True)
+    own = shard_file(out, state.process_index, state.num_processes)
+    drop_torn_tail(own)
+    done = {row["id"] for path in result_files(out) for row in read_rows(path)}
+    state.wait_for_everyone()  # every process sees the same finished rows before anyone adds one
+    pending = [job for job, job_id in zip(grid.jobs, order) if job_id not in done]
+    with state.split_between_processes(pending) as mine:
+        bar = tqdm(mine, desc="eval", unit="img", disable=not state.is_main_process, file=sys.stderr)
+        for job in bar:
+            append_row(own, run_job(pipe, scorer, config, grid, job, out))
+    state.wait_for_everyone()
+    merged = merge_results(out, order) if state.is_main_process else []
+    state.wait_for_everyone()
+    return merged
+
+
+def default_out(config_path: str | Path) -> Path:
+    return Path("eval-results") / Path(config_path).stem
+
+
+def run(args) -> int:
+    rows = run_eval(args.config, args.out)
+    if rows:
+        out = args.out or default_out(args.config)
+        print(f"{len(rows)} rows in {out / RESULTS}; summarise them with `loracompose report {out}`")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="generate and CLIP-score a grid of prompts x LoRA sets x methods x seeds",
+        description="Resumable: rerun the same command after an interruption. Distributed: "
+        "`accelerate launch --multi_gpu --num_processes K -m pipelines.cli eval CONFIG` (also on CPU-only machines: "
+        "accelerate's --cpu flag starts a single process unless MPI is set up).",
+    )
+    parser.add_argument("config", type=Path, help="grid config (.toml, .yaml or .json)")
+    parser.add_argument("--out", type=Path, help="results folder (default: eval-results/<config name>)")
+    parser.set_defaults(run=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m eval.harness CONFIG [--out DIR]`, for `accelerate launch -m eval.harness`."""
+    parser = argparse.ArgumentParser(prog="python -m eval.harness")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.run(args)
+    except ComposeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

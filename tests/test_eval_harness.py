@@ -1,0 +1,208 @@
+"""The batch harness: grid expansion, config checks before any image, resume after a kill, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval.harness as harness
+import pipelines.generate
+from eval.errors import EvalConfigError
+from eval.harness import RESULTS, expand_grid, load_config, parse_config, prepare_grid, read_rows, run_eval
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING = ("seconds", "score_seconds", "peak_memory_mb")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """On a shared, loaded 2-core machine torch's second thread only spins; tiny models run faster on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def base_config(loras) -> dict:
+    cat = {"file": str(loras["cat"]), "trigger": "sks", "concept": "cat", "region": [0, 0, 1, 0.5]}
+    dog = {"file": str(loras["dog"]), "trigger": "zwx", "concept": "dog", "region": [0, 0.5, 1, 1]}
+    return {
+        "model": "tiny",
+        "clip": "tiny",
+        "prompts": ["a sks cat and a zwx dog"],
+        "seeds": [0, 1],
+        "steps": 2,
+        "size": 32,
+        "lora_sets": {"cat": [cat], "cat_dog": [dict(cat, prompt="a sks cat"), dog]},
+        "methods": ["merge", {"name": "switch", "label": "switch-1", "options": {"switch_step": 1}}],
+    }
+
+
+def write_config(folder: Path, config: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "grid.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, loras):
+    """One uninterrupted single-process run of the 8-image grid: (config path, rows)."""
+    folder = tmp_path_factory.mktemp("reference")
+    config = write_config(folder, base_config(loras))
+    return config, run_eval(config, folder / "out")
+
+
+def without_timing(row: dict) -> dict:
+    return {key: value for key, value in row.items() if key not in TIMING and not key.endswith("_scores")}
+
+
+def test_grid_expands_prompt_set_method_seed(pipe, loras, tmp_path):
+    raw = base_config(loras)
+    raw["prompts"] = ["a sks cat and a zwx dog", "a zwx dog and a sks cat"]
+    raw["lora_sets"]["dog"] = [raw["lora_sets"]["cat_dog"][1]]
+    raw["seeds"] = [0, 1, 2]
+    config = parse_config(raw, tmp_path)
+    jobs = expand_grid(config)
+    assert len(jobs) == 2 * 3 * 2 * 3
+    assert [job.seed for job in jobs[:4]] == [0, 1, 2, 0]
+    assert [job.method.label for job in jobs[:6]] == ["merge"] * 3 + ["switch-1"] * 3
+    assert {(job.prompt, job.lora_set) for job in jobs[:18]} == {(raw["prompts"][0], s) for s in ("cat", "cat_dog", "dog")}
+    grid = prepare_grid(pipe, config)
+    assert len({grid.job_id(config, job) for job in grid.jobs}) == 36
+
+
+def test_rows_hold_the_recipe_scores_and_image(reference):
+    config, rows = reference
+    assert len(rows) == 8
+    out = config.parent / "out"
+    assert read_rows(out / RESULTS) == rows
+    row = rows[-1]
+    assert row["method"] == "switch-1" and row["method_name"] == "switch" and row["options"] == {"switch_step": 1}
+    assert row["num_loras"] == 2 and [lora["name"] for lora in row["loras"]] == ["cat", "dog"]
+    assert all(len(lora["sha256"]) == 64 for lora in row["loras"])
+    assert row["model"] == "tiny" and row["clip_model"] == "tiny" and row["clip_convention"] == "torchmetrics"
+    assert row["scored_prompt"] == "a cat cat and a dog dog"
+    assert set(row["region_scores"]) == {"cat", "dog"} and row["region_prompts"]["cat"] == "a cat cat"
+    assert row["seconds"] > 0 and row["peak_memory_mb"] >= 0
+    from pipelines.recipe import read_recipe
+
+    recipe = read_recipe(out / row["image"])
+    assert (recipe["prompt"], recipe["seed"], recipe["method"], recipe["steps"]) == (row["prompt"], 1, "switch", 2)
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(Path(r["image"]).name for r in rows)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_rerun_after_a_kill_mid_grid_gives_every_row_once(reference, tmp_path, monkeypatch):
+    config, expected = reference
+    out = tmp_path / "out"
+    write_row = harness.append_row
+    written = []
+
+    def killed_after_three(path, row):
+        write_row(path, row)
+        written.append(row["id"])
+        if len(written) == 3:
+            raise Killed
+
+    monkeypatch.setattr(harness, "append_row", killed_after_three)
+    with pytest.raises(Killed):
+        run_eval(config, out)
+    assert len(read_rows(out / RESULTS)) == 3
+    with open(out / RESULTS, "a") as handle:  # the kill tore the next row in half
+        handle.write('{"id": "' + expected[3]["id"][:5])
+
+    monkeypatch.setattr(harness, "append_row", write_row)
+    generate, generated = pipelines.generate.generate, []
+    monkeypatch.setattr(pipelines.generate, "generate", lambda *a: generated.append(1) or generate(*a))
+    rows = run_eval(config, out)
+    assert len(generated) == 5
+    assert [row["id"] for row in rows] == [row["id"] for row in expected]
+    assert [without_timing(r) for r in rows] == [without_timing(r) for r in expected]
+    assert [r["clip_score"] for r in rows] == pytest.approx([r["clip_score"] for r in expected], abs=1e-4)
+    assert read_rows(out / RESULTS) == rows
+    assert run_eval(config, out) == rows and len(generated) == 5  # a finished grid generates nothing
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_accelerate_processes_give_the_rows_of_one(reference, tmp_path):
+    config, expected = reference
+    accelerate_config = tmp_path / "accelerate.yaml"
+    accelerate_config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: 2\n"
+        "machine_rank: 0\nmixed_precision: 'no'\ndynamo_config: {}\nuse_cpu: false\n"
+    )
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+        "--main_process_port", str(free_port()), "-m", "eval.harness", str(config), "--out", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_rows(out / RESULTS)
+    assert [row["id"] for row in rows] == [row["id"] for row in expected]
+    assert [without_timing(r) for r in rows] == [without_timing(r) for r in expected]
+    assert [r["clip_score"] for r in rows] == pytest.approx([r["clip_score"] for r in expected], abs=1e-3)
+    assert sorted(p.name for p in out.iterdir()) == ["images", RESULTS]  # shards merged and removed
+
+
+def not_a_lora(tmp_path: Path) -> str:
+    path = tmp_path / "notes.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + b" " * 14)
+    return str(path)
+
+
+BAD_CONFIGS = {
+    "unknown method": (lambda c, t: c["methods"].append("nosuch"), "methods[2].name"),
+    "unknown option": (lambda c, t: c["methods"][1]["options"].update(speed=2), "methods[1].options"),
+    "missing LoRA file": (lambda c, t: c["lora_sets"]["cat_dog"][1].update(file="gone.safetensors"), "lora_sets.cat_dog[1].file"),
+    "seed not a number": (lambda c, t: c.update(seeds=[0, "1"]), "seeds[1]"),
+    "negative seed": (lambda c, t: c.update(seeds=[-1]), "seeds[0]"),
+    "repeated seed": (lambda c, t: c.update(seeds=[3, 3]), "seeds"),
+    "empty seed list": (lambda c, t: c.update(seeds=[]), "seeds"),
+    "unknown field": (lambda c, t: c.update(colour="red"), "colour"),
+    "unknown LoRA field": (lambda c, t: c["lora_sets"]["cat"][0].update(wieght=1), "lora_sets.cat[0].wieght"),
+    "bad region": (lambda c, t: c["lora_sets"]["cat"][0].update(region=[0, 0, 0, 0]), "lora_sets.cat[0]"),
+    "file is not a LoRA": (lambda c, t: c["lora_sets"]["cat"][0].update(file=not_a_lora(t)), "lora_sets.cat"),
+    "bad size": (lambda c, t: c.update(size=30), "size"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_bad_config_fails_before_generating_naming_the_field(case, loras, tmp_path, monkeypatch):
+    mutate, field = BAD_CONFIGS[case]
+    raw = base_config(loras)
+    mutate(raw, tmp_path)
+    monkeypatch.setattr(pipelines.generate, "generate", lambda *a: pytest.fail("generated an image"))
+    with pytest.raises(EvalConfigError) as error:
+        run_eval(write_config(tmp_path, raw), tmp_path / "out")
+    assert error.value.field == field
+    assert f"'{field}'" in str(error.value)
+    assert not (tmp_path / "out" / "images").exists() or not any((tmp_path / "out" / "images").iterdir())
+
+
+def test_example_config_is_valid(tmp_path, loras):
+    example = REPO / "examples" / "eval_tiny.toml"
+    (tmp_path / "loras").mkdir()
+    for name in ("cat", "dog", "car"):
+        (tmp_path / "loras" / f"{name}.safetensors").write_bytes(loras[name].read_bytes())
+    copy = tmp_path / example.name
+    copy.write_text(example.read_text())
+    config = load_config(copy)
+    assert config.model == "tiny" and len(expand_grid(config)) >= 8
