@@ -8,14 +8,17 @@ import numpy as np
 import pytest
 import torch
 
+from compose.deep_cache import deep_features, shallow_forward
 from compose.errors import InvalidOptionError
 from compose.frequency import high_band, high_frequency_score, radial_profile, rank_by_score
 from compose.methods.cmlora import (
     CmloraOptions,
     combination_weights,
     plan_steps,
+    predicted_shallow_usage,
     predicted_unet_usage,
     refresh_steps,
+    step_intervals,
 )
 from compose.profiling import ProfileSettings, profile_lora_files
 from tests.conftest import run
@@ -61,15 +64,48 @@ def test_schedule_follows_the_paper_at_200_steps():
     refresh = refresh_steps(200, (2, 3, 2), (0.375, 0.875))
     assert [s for s in range(82) if refresh[s]][-5:] == [72, 74, 75, 78, 81]  # every 2 before step 75, 3 after
     assert [s for s in range(170, 180) if refresh[s]] == [171, 174, 175, 177, 179]  # every 2 from step 175
+    interval = step_intervals(200, (2, 3, 2), (0.375, 0.875))
     plans = plan_steps(200, [0, 1, 2], 2, 0.6, (2, 3, 2), (0.375, 0.875))
+    assert plans[0].fresh == (0, 1, 2)
     assert {p.dominant for p in plans[:120]} == {0, 1} and {p.dominant for p in plans[120:]} == {2}
+    last_fresh = {}
     for step, plan in enumerate(plans):
         assert plan.dominant in plan.fresh
-        assert plan.fresh == ((0, 1, 2) if refresh[step] else (plan.dominant,))
         if step and step != 120 and plan.dominant != plans[step - 1].dominant:
-            assert refresh[step]  # the dominant LoRA changes only when the cache is refreshed
+            assert refresh[step]  # the dominant LoRA moves on only on refresh steps
+        if not refresh[step]:
+            assert plan.fresh == (plan.dominant,)
+        for k in {0, 1, 2} - {plan.dominant}:
+            age = step - last_fresh.get(k, -999) if step else 999
+            assert (k in plan.fresh) == (refresh[step] and age >= interval[step])
+            assert k in plan.fresh or age <= 3  # a cached prediction is never older than the longest interval
+        last_fresh.update((k, step) for k in plan.fresh)
     calls, passes = predicted_unet_usage(plans)
-    assert (calls, passes) == (200, 200 + 2 * sum(refresh))
+    assert calls == 200 and passes == sum(len(p.fresh) for p in plans) < 0.53 * 3 * 200
+
+
+def test_shallow_pass_on_the_same_steps_deep_feature_is_the_full_pass(pipe):
+    sample, embeds = torch.randn(2, 4, 32, 32), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        with deep_features(pipe.unet) as captured:
+            full = pipe.unet(sample, torch.tensor(500), embeds).sample
+        shallow = shallow_forward(pipe.unet, sample, torch.tensor(500), embeds, captured[0])
+    assert torch.equal(shallow, full)
+
+
+def test_deep_cache_counts_full_and_shallow_passes(pipe, loras):
+    options = dict(order=ORDER, cache="deep", high_count=2)
+    out = run(pipe, loras=three(loras), method="cmlora", method_options=options, steps=6)
+    plans = plan_steps(6, [2, 0, 1], 2, 0.6, (2, 3, 2), (0.375, 0.875))
+    assert (out.unet_calls, out.unet_passes) == predicted_unet_usage(plans)
+    shallow = predicted_shallow_usage(plans, 3)
+    assert (out.extras["shallow_unet_calls"], out.extras["shallow_unet_passes"]) == shallow and shallow[1] > 0
+    output = run(pipe, loras=three(loras), method="cmlora", method_options={**options, "cache": "output"}, steps=6)
+    assert not np.array_equal(out.images, output.images)  # cached LoRAs really ran their outer blocks again
+    every_step = dict(order=ORDER, intervals=1, weighting="equal")
+    deep = run(pipe, loras=three(loras), method="cmlora", method_options={**every_step, "cache": "deep"}, steps=2)
+    composite = run(pipe, loras=three(loras), method="composite", steps=2)
+    assert np.array_equal(deep.images, composite.images) and deep.extras["shallow_unet_passes"] == 0
 
 
 def test_combination_weights_follow_the_paper():
@@ -157,7 +193,7 @@ def test_empty_high_band_is_an_error():
         dict(intervals=(2, 3)),
         dict(split=1.5),
         dict(weighting="loud"),
-        dict(cache="deep"),
+        dict(cache="feature"),
         dict(order="cat"),
         dict(order=["cat", "cat"]),
         dict(profile_cutoff=80),

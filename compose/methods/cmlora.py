@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from ..deep_cache import deep_features, shallow_predict, split_features, supports_shallow_pass
 from ..errors import InvalidOptionError
 from ..frequency import rank_by_score
 from ..profiling import ProfileSettings, profile_loras
@@ -20,7 +21,7 @@ from .base import CompositionMethod, require
 from .composite import composite_prediction
 
 WEIGHTINGS = ("dominant", "equal")
-CACHE_MODES = ("output",)
+CACHE_MODES = ("output", "deep")
 
 
 def _whole(value, minimum: int) -> bool:
@@ -39,7 +40,7 @@ class CmloraOptions:
     intervals: int | Sequence[int] = (2, 3, 2)  # cache refresh interval on each of the three time segments
     boundaries: Sequence[float] = (0.375, 0.875)  # the segments' borders as fractions of the steps
     weighting: str = "dominant"  # "dominant": c = N - 0.5 rule; "equal": plain average
-    cache: str = "output"  # "output": reuse a LoRA's whole guided prediction between refreshes
+    cache: str = "output"  # "output": reuse a LoRA's guided prediction; "deep": reuse its deep UNet feature
     profile_steps: int = 8
     profile_seed: int = 0
     profile_cutoff: float = 0.2
@@ -75,7 +76,7 @@ class CmloraOptions:
         require(self.weighting in WEIGHTINGS, f"cmlora option weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         require(
             self.cache in CACHE_MODES,
-            f"cmlora option cache must be one of {CACHE_MODES} ('deep' is not implemented), got {self.cache!r}",
+            f"cmlora option cache must be one of {CACHE_MODES}, got {self.cache!r}",
         )
         require(
             self.profile_cache_dir is None or isinstance(self.profile_cache_dir, str),
@@ -95,16 +96,19 @@ class StepPlan:
     fresh: tuple[int, ...]
 
 
+def step_intervals(num_steps: int, intervals: Sequence[int], boundaries: Sequence[float]) -> list[int]:
+    """The cache interval in force at each step: three segments cut at `boundaries` (fractions of the steps)."""
+    first, second = int(boundaries[0] * num_steps), int(boundaries[1] * num_steps)
+    return [intervals[0] if s < first else intervals[1] if s < second else intervals[2] for s in range(num_steps)]
+
+
 def refresh_steps(num_steps: int, intervals: Sequence[int], boundaries: Sequence[float]) -> list[bool]:
-    """True on the steps where the cache is refreshed: each segment's first step, then every interval."""
-    starts = [0, int(boundaries[0] * num_steps), int(boundaries[1] * num_steps)]
-    ends = starts[1:] + [num_steps]
+    """True on the refresh steps: each segment's first step, then every interval of that segment."""
+    first, second = int(boundaries[0] * num_steps), int(boundaries[1] * num_steps)
     refresh = [False] * num_steps
-    for start, end, interval in zip(starts, ends, intervals):
+    for start, end, interval in zip((0, first, second), (first, second, num_steps), intervals):
         for step in range(start, end, interval):
             refresh[step] = True
-    if num_steps:
-        refresh[0] = True  # the cache starts empty
     return refresh
 
 
@@ -116,16 +120,28 @@ def plan_steps(
     intervals: Sequence[int],
     boundaries: Sequence[float],
 ) -> list[StepPlan]:
-    """The whole schedule: the dominant LoRA rotates through its phase's group at every refresh step."""
+    """The whole schedule.
+
+    The dominant LoRA runs fresh every step and moves on through its phase's group at every
+    refresh step. On a refresh step every other LoRA whose cached prediction is at least one
+    interval old runs fresh too; the LoRA that dominated until the step before is still younger
+    than that and keeps its prediction until the next refresh step.
+    """
+    interval = step_intervals(num_steps, intervals, boundaries)
     refresh = refresh_steps(num_steps, intervals, boundaries)
     high, low = list(order[:high_count]), list(order[high_count:])
     phase_end = int(split * num_steps)
-    plans, rotation = [], 0
+    plans, rotation, last_fresh = [], 0, {}
     for step in range(num_steps):
         group = (high if step < phase_end else low) or list(order)
         rotation = 0 if step in (0, phase_end) else rotation + refresh[step]
         dominant = group[rotation % len(group)]
-        fresh = sorted(order) if refresh[step] else [dominant]
+        fresh = [
+            k
+            for k in sorted(order)
+            if k == dominant or k not in last_fresh or (refresh[step] and step - last_fresh[k] >= interval[step])
+        ]
+        last_fresh.update((k, step) for k in fresh)
         plans.append(StepPlan(dominant, tuple(fresh)))
     return plans
 
@@ -133,6 +149,12 @@ def plan_steps(
 def predicted_unet_usage(plans: Sequence[StepPlan]) -> tuple[int, int]:
     """(UNet calls, LoRA passes) the schedule costs: one batched call per step, one pass per fresh LoRA."""
     return len(plans), sum(len(plan.fresh) for plan in plans)
+
+
+def predicted_shallow_usage(plans: Sequence[StepPlan], count: int) -> tuple[int, int]:
+    """(calls, passes) of the shallow UNet in `deep` mode: one batched call per step with a cached LoRA."""
+    cached = [count - len(plan.fresh) for plan in plans]
+    return sum(1 for n in cached if n), sum(cached)
 
 
 def combination_weights(count: int, dominant: int, weighting: str) -> list[float] | None:
@@ -166,6 +188,9 @@ class CmloraMethod(CompositionMethod):
             raise InvalidOptionError(
                 f"cmlora option high_count {self.options.high_count} exceeds the number of LoRAs ({len(loras)})"
             )
+        reason = supports_shallow_pass(pipe.unet) if self.options.cache == "deep" else None
+        if reason:
+            raise InvalidOptionError(f"cmlora cache='deep' cannot run on this UNet: {reason}; use cache='output'")
 
     def prepare(self, ctx):
         names = [lora.adapter for lora in ctx.loras]
@@ -191,13 +216,19 @@ class CmloraMethod(CompositionMethod):
             self.options.boundaries,
         )
         self._cache: dict[int, torch.Tensor] = {}
+        self._features: dict[int, torch.Tensor] = {}
         ctx.outputs["order"] = ranked
         ctx.outputs["schedule"] = []
+        if self.options.cache == "deep":
+            ctx.outputs["shallow_unet_calls"] = ctx.outputs["shallow_unet_passes"] = 0
 
     def noise_prediction(self, ctx, latents, t, i):
         plan = self._plans[i]
-        fresh = composite_prediction(ctx, latents, t, [ctx.loras[k] for k in plan.fresh], batched=True)
-        self._cache.update(zip(plan.fresh, fresh))
+        if self.options.cache == "deep":
+            self._deep_step(ctx, latents, t, plan)
+        else:
+            fresh = composite_prediction(ctx, latents, t, [ctx.loras[k] for k in plan.fresh], batched=True)
+            self._cache.update(zip(plan.fresh, fresh))
         predictions = [self._cache[k] for k in range(len(ctx.loras))]
         ctx.outputs["schedule"].append(
             {"dominant": ctx.loras[plan.dominant].adapter, "fresh": [ctx.loras[k].adapter for k in plan.fresh]}
@@ -205,5 +236,19 @@ class CmloraMethod(CompositionMethod):
         weights = combination_weights(len(ctx.loras), plan.dominant, self.options.weighting)
         return combine(predictions, weights), latents
 
+    def _deep_step(self, ctx, latents, t, plan: StepPlan) -> None:
+        """Fresh LoRAs run fully and leave their deep feature; the others run shallow on their cached one."""
+        with deep_features(ctx.unet) as captured:
+            fresh = composite_prediction(ctx, latents, t, [ctx.loras[k] for k in plan.fresh], batched=True)
+        self._cache.update(zip(plan.fresh, fresh))
+        self._features.update(zip(plan.fresh, split_features(captured[0], len(plan.fresh))))
+        cached = [k for k in range(len(ctx.loras)) if k not in plan.fresh]
+        if cached:
+            passes = [ctx.lora_pass(ctx.loras[k]) for k in cached]
+            pairs = shallow_predict(ctx, latents, t, passes, [self._features[k] for k in cached])
+            self._cache.update(zip(cached, [ctx.guide(uncond, cond) for uncond, cond in pairs]))
+            ctx.outputs["shallow_unet_calls"] += 1
+            ctx.outputs["shallow_unet_passes"] += len(cached)
+
     def release(self, ctx):
-        self._cache = {}
+        self._cache, self._features = {}, {}

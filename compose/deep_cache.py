@@ -1,0 +1,95 @@
+"""DeepCache-style partial UNet passes: reuse the deep feature, recompute only the outermost blocks.
+
+A full pass records the input of the UNet's last up-block (the "deep feature"). A shallow pass
+runs the time embedding, conv_in, the first down-block, the last up-block on the recorded deep
+feature and the output convolution: the skip connections of the outermost level are fresh, the rest
+is reused. Plain Stable Diffusion UNets only (no class/addition embeddings, no centred input).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+
+from .adapters import per_sample_adapters
+from .context import DenoiseContext, Pass
+
+
+def supports_shallow_pass(unet) -> str | None:
+    """Why this UNet cannot run shallow passes, or None when it can."""
+    config = unet.config
+    if config.class_embed_type is not None or config.num_class_embeds is not None:
+        return "it has class embeddings"
+    if config.addition_embed_type is not None:
+        return f"it has an addition embedding ({config.addition_embed_type})"
+    if config.center_input_sample or config.time_cond_proj_dim is not None:
+        return "it centres its input or takes a guidance embedding"
+    if len(unet.down_blocks) < 2:
+        return "it has a single resolution level"
+    return None
+
+
+@contextmanager
+def deep_features(unet) -> Iterator[list[torch.Tensor]]:
+    """Within the block, every UNet forward appends the input of its last up-block to the yielded list."""
+    captured: list[torch.Tensor] = []
+
+    def record(_module, args, kwargs):
+        captured.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+
+    handle = unet.up_blocks[-1].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _cross_attention(block, encoder_hidden_states, cross_attention_kwargs) -> dict:
+    if getattr(block, "has_cross_attention", False):
+        return {"encoder_hidden_states": encoder_hidden_states, "cross_attention_kwargs": cross_attention_kwargs}
+    return {}
+
+
+def shallow_forward(unet, sample, timestep, encoder_hidden_states, deep_feature, cross_attention_kwargs=None):
+    """The UNet's noise prediction with everything between the outermost blocks taken from `deep_feature`."""
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    hidden = unet.conv_in(sample)
+    first, last = unet.down_blocks[0], unet.up_blocks[-1]
+    _, skips = first(hidden_states=hidden, temb=emb, **_cross_attention(first, encoder_hidden_states, cross_attention_kwargs))
+    skips = ((hidden,) + tuple(skips))[: len(last.resnets)]
+    out = last(
+        hidden_states=deep_feature,
+        temb=emb,
+        res_hidden_states_tuple=skips,
+        **_cross_attention(last, encoder_hidden_states, cross_attention_kwargs),
+    )
+    if unet.conv_norm_out is not None:
+        out = unet.conv_act(unet.conv_norm_out(out))
+    return unet.conv_out(out)
+
+
+def split_features(feature: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """The deep feature of one batched forward, cut into its `count` passes (each with its CFG halves)."""
+    return list(feature.chunk(count))
+
+
+def shallow_predict(
+    ctx: DenoiseContext, latents: torch.Tensor, t, passes: Sequence[Pass], features: Sequence[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(uncond, cond) of several shallow passes as one batched call, laid out as `DenoiseContext.predict` does."""
+    halves = 2 if ctx.do_cfg else 1
+    model_input = ctx.pipe.scheduler.scale_model_input(latents, t).repeat(halves * len(passes), 1, 1, 1)
+    embeds = [e for p in passes for e in ([p.negative_embeds, p.embeds] if ctx.do_cfg else [p.embeds])]
+    names = [p.adapter for p in passes for _ in range(halves * latents.shape[0])]
+    with per_sample_adapters(ctx.unet, names):
+        eps = shallow_forward(
+            ctx.unet, model_input, t, torch.cat(embeds), torch.cat(list(features)), ctx.cross_attention_kwargs
+        )
+    chunks = eps.chunk(halves * len(passes))
+    if ctx.do_cfg:
+        return [(chunks[2 * k], chunks[2 * k + 1]) for k in range(len(passes))]
+    return [(chunk, chunk) for chunk in chunks]
