@@ -225,9 +225,17 @@ def test_latent_update_lowers_the_loss(pipe, loras):
     out = clora(pipe, [loras["cat"], loras["dog"]], options=dict(max_iter_to_alter=1, refinement_rounds=3))
     [losses] = out.extras["losses"]
     assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
+    assert out.unet_calls == 3 + 1  # three map-only forwards, then the prediction on the updated latent
     masks = out.extras["masks"]
     assert masks.shape == (3, 16, 16) and (masks.sum(dim=0) >= 1).all()
     assert out.extras["attention_maps"].shape == (3, 16, 16, 77)
+
+
+def test_stale_predictions_and_uncond_maps_as_the_reference(pipe, loras):
+    options = dict(ONE_UPDATE, recompute_after_update=False, use_uncond_maps=True)
+    out = clora(pipe, [loras["cat"], loras["dog"]], options=options)
+    assert out.unet_calls == 1  # the update's own CFG forward gives the predictions
+    assert len(out.extras["losses"][0]) == 1 and torch.isfinite(out.images).all()
 
 
 def test_one_concept_runs_without_updates(pipe, loras):

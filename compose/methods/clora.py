@@ -113,7 +113,7 @@ class CloraMethod(CompositionMethod):
         return Concept(lora.adapter, lora.trigger, word, lora.spec.prompt)
 
     def prepare(self, ctx):
-        style_text = {}
+        style_text, self._hooks = {}, []
         if self.style is not None:
             style_weight = self.style.weight if self.options.style_weight is None else self.options.style_weight
             style_text = {self.style.adapter: style_weight} if self.style.has_text_encoder else {}
@@ -208,7 +208,7 @@ class CloraMethod(CompositionMethod):
         return maps.mean(dim=1) if self.options.use_uncond_maps else maps[:, -1]
 
     def release(self, ctx):
-        for hook in getattr(self, "_hooks", []):
+        for hook in self._hooks:
             hook.remove()
 
 
