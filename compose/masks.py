@@ -47,7 +47,7 @@ def attention_masks(
     maps: (K, ..., h, w, T); mask_tokens[k] are the token positions of pass k (ignored for k = 0).
     Returns (K, ..., h, w) in {0, 1}; every pixel is owned by at least one pass.
     """
-    owned = [morph(threshold_mask(maps[k][..., tokens], alpha), morphology) for k, tokens in enumerate(mask_tokens) if k]
+    owned = [morph(threshold_mask(maps[k][..., t], alpha), morphology) for k, t in enumerate(mask_tokens) if k]
     if not owned:
         return torch.ones_like(maps[:1, ..., 0])
     covered = torch.stack(owned).amax(dim=0)

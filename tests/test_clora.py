@@ -143,7 +143,8 @@ CAT, DOG = Concept("cat_lora", "sks", "cat"), Concept("dog_lora", "zwx", "dog")
 
 
 def test_prompts_from_a_plain_prompt():
-    assert derive_prompts("a cat and a dog", [CAT, DOG]) == ["a cat and a dog", "a sks cat and a dog", "a cat and a zwx dog"]
+    expected = ["a cat and a dog", "a sks cat and a dog", "a cat and a zwx dog"]
+    assert derive_prompts("a cat and a dog", [CAT, DOG]) == expected
 
 
 def test_prompts_from_a_prompt_with_triggers():

@@ -62,24 +62,31 @@ class CloraOptions:
     def __post_init__(self):
         if isinstance(self.refinement_steps, list):
             self.refinement_steps = tuple(self.refinement_steps)
-        require(_is_number(self.step_size) and self.step_size >= 0, f"clora option step_size must be a number >= 0, got {self.step_size!r}")
-        require(_is_step(self.max_iter_to_alter), f"clora option max_iter_to_alter must be a step count (int >= 0) or a fraction in [0, 1], got {self.max_iter_to_alter!r}")
-        require(
-            isinstance(self.refinement_steps, tuple) and all(_is_step(s) for s in self.refinement_steps),
-            f"clora option refinement_steps must be a list of step counts or fractions in [0, 1], got {self.refinement_steps!r}",
-        )
-        require(
-            isinstance(self.refinement_rounds, int) and not isinstance(self.refinement_rounds, bool) and self.refinement_rounds >= 1,
-            f"clora option refinement_rounds must be a whole number >= 1, got {self.refinement_rounds!r}",
-        )
-        require(_is_number(self.tau) and self.tau > 0, f"clora option tau must be a number > 0, got {self.tau!r}")
-        require(_is_number(self.alpha) and 0 <= self.alpha < 1, f"clora option alpha must be a number in [0, 1), got {self.alpha!r}")
-        require(self.morphology in MORPHOLOGY, f"clora option morphology must be one of {MORPHOLOGY}, got {self.morphology!r}")
-        require(_is_step(self.apply_mask_after), f"clora option apply_mask_after must be a step count (int >= 0) or a fraction in [0, 1], got {self.apply_mask_after!r}")
-        for flag in ("use_uncond_maps", "recompute_after_update"):
-            require(isinstance(getattr(self, flag), bool), f"clora option {flag} must be true or false, got {getattr(self, flag)!r}")
-        require(self.style_lora is None or isinstance(self.style_lora, str), f"clora option style_lora must be a LoRA name, got {self.style_lora!r}")
-        require(self.style_weight is None or _is_number(self.style_weight), f"clora option style_weight must be a number, got {self.style_weight!r}")
+        step = "a step count (int >= 0) or a fraction of the steps (float in [0, 1])"
+        rules = {
+            "step_size": (_is_number(self.step_size) and self.step_size >= 0, "a number >= 0"),
+            "max_iter_to_alter": (_is_step(self.max_iter_to_alter), step),
+            "refinement_steps": (
+                isinstance(self.refinement_steps, tuple) and all(_is_step(s) for s in self.refinement_steps),
+                f"a list, each {step}",
+            ),
+            "refinement_rounds": (
+                isinstance(self.refinement_rounds, int)
+                and not isinstance(self.refinement_rounds, bool)
+                and self.refinement_rounds >= 1,
+                "a whole number >= 1",
+            ),
+            "tau": (_is_number(self.tau) and self.tau > 0, "a number > 0"),
+            "alpha": (_is_number(self.alpha) and 0 <= self.alpha < 1, "a number in [0, 1)"),
+            "morphology": (self.morphology in MORPHOLOGY, f"one of {MORPHOLOGY}"),
+            "apply_mask_after": (_is_step(self.apply_mask_after), step),
+            "use_uncond_maps": (isinstance(self.use_uncond_maps, bool), "true or false"),
+            "recompute_after_update": (isinstance(self.recompute_after_update, bool), "true or false"),
+            "style_lora": (self.style_lora is None or isinstance(self.style_lora, str), "the name of one of the LoRAs"),
+            "style_weight": (self.style_weight is None or _is_number(self.style_weight), "a number"),
+        }
+        for name, (valid, expected) in rules.items():
+            require(valid, f"clora option {name} must be {expected}, got {getattr(self, name)!r}")
 
 
 class CloraMethod(CompositionMethod):
@@ -95,7 +102,9 @@ class CloraMethod(CompositionMethod):
         """(style LoRA or None, concept LoRAs)."""
         names = [lora.adapter for lora in loras]
         if self.options.style_lora is not None and self.options.style_lora not in names:
-            raise InvalidOptionError(f"clora option style_lora '{self.options.style_lora}' names none of the LoRAs {names}")
+            raise InvalidOptionError(
+                f"clora option style_lora '{self.options.style_lora}' names none of the LoRAs {names}"
+            )
         style = next((lora for lora in loras if lora.adapter == self.options.style_lora), None)
         concept_loras = [lora for lora in loras if lora is not style]
         if not concept_loras:
@@ -173,7 +182,8 @@ class CloraMethod(CompositionMethod):
                 else:
                     pairs, halves = ctx.predict(latents, t, self.passes), 2 if ctx.do_cfg else 1
                 maps = self._maps(latents.shape[0], halves)
-                loss = sum(concept_token_loss(m, self.plan.concept_tokens, self.options.tau) for m in maps.unbind(1))
+                tokens, tau = self.plan.concept_tokens, self.options.tau
+                loss = sum(concept_token_loss(image_maps, tokens, tau) for image_maps in maps.unbind(1))
                 (grad,) = torch.autograd.grad(loss, latents)
         finally:
             self.store.keep_grad = False
@@ -194,7 +204,8 @@ class CloraMethod(CompositionMethod):
         self.store.truncate = True
         try:
             with per_sample_adapters(ctx.unet, names):
-                ctx.unet(model_input, t, encoder_hidden_states=torch.cat(embeds), cross_attention_kwargs=ctx.cross_attention_kwargs)
+                context = torch.cat(embeds)
+                ctx.unet(model_input, t, encoder_hidden_states=context, cross_attention_kwargs=ctx.cross_attention_kwargs)
         except ForwardTruncated:
             pass
         finally:
@@ -234,4 +245,5 @@ def add_adapter_to_every_pass(unet, adapter: str, weight: float):
     layers = [layer for layer in tuner_layers(unet) if adapter in getattr(layer, "lora_A", {})]
     for layer in layers:
         layer.set_scale(adapter, weight)  # the loop's snapshot restores the scale afterwards
-    return [layer.register_forward_hook(lambda layer, args, out: out + lora_delta(layer, adapter, args[0])) for layer in layers]
+    add_delta = lambda layer, args, out: out + lora_delta(layer, adapter, args[0])  # noqa: E731
+    return [layer.register_forward_hook(add_delta) for layer in layers]
