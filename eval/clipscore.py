@@ -134,10 +134,11 @@ def clip_scores(image_features: torch.Tensor, text_features: torch.Tensor, scale
 
 
 def with_concepts(text: str, loras: Sequence[ResolvedLora]) -> str:
-    """The text with every LoRA's trigger word (whole word) replaced by its concept word."""
+    """The text with every LoRA's trigger word replaced by its concept word ("a sks cat" -> "a cat")."""
     for lora in loras:
         if lora.trigger and lora.concept:
-            text = re.sub(rf"(?<!\w){re.escape(lora.trigger)}(?!\w)", lora.concept, text)
+            trigger, concept = re.escape(lora.trigger), re.escape(lora.concept)
+            text = re.sub(rf"(?<!\w){trigger}(?:\s+{concept})?(?!\w)", lora.concept, text)
     return text
 
 

@@ -8,7 +8,6 @@ rows and writes its own shard file; the main process merges them in grid order a
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -507,19 +506,3 @@ def register(subparsers) -> None:
     parser.add_argument("config", type=Path, help="grid config (.toml, .yaml or .json)")
     parser.add_argument("--out", type=Path, help="results folder (default: eval-results/<config name>)")
     parser.set_defaults(run=run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m eval.harness CONFIG [--out DIR]`, for `accelerate launch -m eval.harness`."""
-    parser = argparse.ArgumentParser(prog="python -m eval.harness")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.run(args)
-    except ComposeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

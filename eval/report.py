@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from compose.errors import ComposeError
 
@@ -130,8 +130,9 @@ def comparison_grids(rows: list[dict[str, Any]], folder: Path, tile: int = 160) 
     folder.mkdir(parents=True, exist_ok=True)
     grids = []
     for index, ((prompt, lora_set, seed), by_method) in enumerate(cells.items()):
-        strip = Image.new("RGB", (tile * len(methods), tile + 30), "white")
+        strip = Image.new("RGB", (tile * len(methods), tile + 36), "white")
         draw = ImageDraw.Draw(strip)
+        font = ImageFont.load_default(size=14)
         for column, method in enumerate(methods):
             row = by_method.get(method)
             if row is None:
@@ -141,9 +142,9 @@ def comparison_grids(rows: list[dict[str, Any]], folder: Path, tile: int = 160) 
                 scale = tile / max(image.size)
                 resample = Image.NEAREST if scale >= 1 else Image.LANCZOS  # keep small images' pixels crisp
                 image = image.resize((round(image.width * scale), round(image.height * scale)), resample)
-            strip.paste(image, (column * tile, 30))
-            draw.text((column * tile + 4, 2), method, fill="black")
-            draw.text((column * tile + 4, 15), f"{row['clip_score']:.2f}", fill="dimgray")
+            strip.paste(image, (column * tile, 36))
+            draw.text((column * tile + 4, 1), method, fill="black", font=font)
+            draw.text((column * tile + 4, 18), f"CLIPScore {row['clip_score']:.2f}", fill="dimgray", font=font)
         path = folder / f"grid-{index:03d}.png"
         strip.save(path)
         grids.append((path, f"{prompt} | LoRA set {lora_set} | seed {seed}"))

@@ -152,13 +152,14 @@ def resolved(name, trigger, concept, region=None, prompt=None) -> ResolvedLora:
 
 def test_triggers_become_concept_words():
     loras = [resolved("cat", "sks", "cat"), resolved("dog", "zwx", "dog")]
-    assert with_concepts("a sks cat, zwx and sksx", loras) == "a cat cat, dog and sksx"
+    assert with_concepts("a sks cat, zwx and sksx", loras) == "a cat, dog and sksx"
+    assert with_concepts("sks catalog", loras) == "cat catalog"
 
 
 def test_region_scores_crop_each_box_against_its_regional_prompt(images):
     scorer = CLIPScorer("tiny")
     loras = [
-        resolved("cat", "sks", "cat", region=(0.0, 0.0, 1.0, 0.5), prompt="a red sks"),
+        resolved("cat", "sks", "cat", region=(0.0, 0.0, 1.0, 0.5), prompt="a red sks cat"),
         resolved("dog", "zwx", "dog", region=(0.25, 0.5, 0.75, 1.0)),
         resolved("car", "vrn", "car"),
     ]
