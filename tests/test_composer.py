@@ -10,7 +10,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 from PIL import Image
 
 from compose import LoraSpec
-from compose.adapters import activate
+from compose.adapters import activate, tuner_layers
 from compose.attention.base import ComposableAttnProcessor, merge_heads, split_heads
 from compose.attention.layers import attention_layers, install_processors, layer_grid
 from compose.attention.regions import (
@@ -56,6 +56,15 @@ def module(pipe, name):
 
 def box_masks(*boxes, grid=GRID):
     return torch.stack([region_mask(box, *grid).flatten() > 0 for box in boxes])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """On the shared, oversubscribed 2-core machine two intra-op threads make a forward ~50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture()
@@ -269,6 +278,16 @@ def prepared(pipe, specs, prompt=PROMPT, **options):
     return method, ctx
 
 
+def test_background_lora_is_active_everywhere_and_regional_negative_prompts_are_used(pipe, loras):
+    specs = [LoraSpec(loras["cat"], region=LEFT, negative_prompt="blurry"), LoraSpec(loras["dog"])]
+    method, ctx = prepared(pipe, specs, "a sks cat, green", background="dog")
+    layers = tuner_layers(pipe.unet)
+    assert layers and all(layer.active_adapters == ["dog"] for layer in layers)  # cat only through its region
+    assert method.state.adapters == ["cat"]
+    embeds, negative = pipe.encode_prompt("a sks cat", "cpu", 1, True, "blurry")
+    assert torch.equal(method.state.contexts[0], torch.cat([negative, embeds]))
+
+
 def test_guided_update_lowers_the_loss_and_touches_only_the_latent(pipe, loras):
     specs = [LoraSpec(loras["cat"], region=LEFT), LoraSpec(loras["dog"], region=RIGHT)]
     method, ctx = prepared(pipe, specs)
@@ -289,7 +308,9 @@ def test_mask_images_work_as_regions_and_the_call_restores_the_pipeline(pipe, lo
     half[:, :32] = 255
     boxes = [LoraSpec(loras["cat"], region=(0, 0, 1, 0.5)), LoraSpec(loras["dog"], region=(0, 0.5, 1, 1))]
     masks = [LoraSpec(loras["cat"], region=Image.fromarray(half)), LoraSpec(loras["dog"], region=255 - half)]
-    by_box = pipe(PROMPT, num_inference_steps=2, generator=generator(0), output_type="latent", loras=boxes, method="composer")
+    by_box = pipe(
+        PROMPT, num_inference_steps=2, generator=generator(0), output_type="latent", loras=boxes, method="composer"
+    )
     by_mask = latents_of(pipe, PROMPT, loras=masks, method="composer")
     torch.testing.assert_close(by_mask, by_box.images)
     assert len(by_box.extras["composer_losses"]) == 2
@@ -305,7 +326,11 @@ def test_mask_images_work_as_regions_and_the_call_restores_the_pipeline(pipe, lo
     [
         (lambda l: [LoraSpec(l["cat"], region=(0, 0, 1, 0.02))], {}, InvalidRegionError),  # < 1 px at 16x16
         (lambda l: [LoraSpec(l["cat"], region=LEFT), LoraSpec(l["dog"])], {}, InvalidRegionError),
-        (lambda l: [LoraSpec(l["cat"], region=LEFT), LoraSpec(l["dog"], region=RIGHT)], {"background": "dog"}, InvalidRegionError),
+        (
+            lambda l: [LoraSpec(l["cat"], region=LEFT), LoraSpec(l["dog"], region=RIGHT)],
+            {"background": "dog"},
+            InvalidRegionError,
+        ),
         (lambda l: [LoraSpec(l["cat"], region=LEFT)], {"background": "nope"}, InvalidOptionError),
         (lambda l: [LoraSpec(l["cat"], region=LEFT, prompt="a cat")], {}, TriggerNotInPromptError),
         (lambda l: [LoraSpec(l["dog"])], {"background": "dog"}, InvalidOptionError),

@@ -57,11 +57,11 @@ class ComposerOptions:
         for flag in ("isolation", "reinit", "guidance"):
             value = getattr(self, flag)
             require(isinstance(value, bool), f"composer option {flag} must be true or false, got {value!r}")
-        for count in ("guidance_steps", "patience", "map_factor"):
+        for count, least in (("guidance_steps", 0), ("patience", 0), ("map_factor", 1)):
             value = getattr(self, count)
             require(
-                isinstance(value, int) and not isinstance(value, bool) and value >= (1 if count == "map_factor" else 0),
-                f"composer option {count} must be a whole number >= {1 if count == 'map_factor' else 0}, got {value!r}",
+                isinstance(value, int) and not isinstance(value, bool) and value >= least,
+                f"composer option {count} must be a whole number >= {least}, got {value!r}",
             )
         for number in ("step_size", "fg_weight", "fill_weight", "reg_weight"):
             value = getattr(self, number)
@@ -96,7 +96,9 @@ class ComposerMethod(CompositionMethod):
         background = self.options.background
         names = [lora.adapter for lora in loras]
         if background is not None and background not in names:
-            raise InvalidOptionError(f"composer option background={background!r} names no LoRA of this call; use one of {names}")
+            raise InvalidOptionError(
+                f"composer option background={background!r} names no LoRA of this call; use one of {names}"
+            )
         for lora in loras:
             if lora.adapter == background:
                 if lora.region is not None:
@@ -119,16 +121,30 @@ class ComposerMethod(CompositionMethod):
             raise InvalidOptionError("composer needs at least one LoRA with a region")
 
     def prepare(self, ctx):
-        unet = ctx.unet
-        layers = attention_layers(unet)
+        layers = attention_layers(ctx.unet)
         coarsest = layer_grid(ctx.latent_hw, max(layer.factor for layer in layers))
         self._regional = [lora for lora in ctx.loras if lora.adapter != self.options.background]
         for lora in self._regional:
             check_region_fits(lora.region, *coarsest, f"LoRA '{lora.adapter}'")
-
         background = next((l for l in ctx.loras if l.adapter == self.options.background), None)
-        activate(unet, {background.adapter: background.weight} if background else {})
+        activate(ctx.unet, {background.adapter: background.weight} if background else {})
         self._global = ctx.encode_for(background) if background else ctx.encode(ctx.prompt)
+        self._encode_regional_prompts(ctx)
+        self.state = RegionState([lora.adapter for lora in self._regional], self._contexts)
+        self._install_processors(ctx, layers)
+
+        self._map_cross = layers_near_factor(ctx.unet, self.options.map_factor, cross=True)
+        self._map_self = layers_near_factor(ctx.unet, self.options.map_factor, cross=False)
+        factor = next(layer.factor for layer in layers if layer.name == self._map_cross[0])
+        self._map_hw = layer_grid(ctx.latent_hw, factor)
+        self._map_masks = [region_mask(lora.region, *self._map_hw).to(ctx.unet.device) for lora in self._regional]
+        options = self.options
+        self._guiding = options.guidance and any((options.fg_weight, options.fill_weight, options.reg_weight))
+        self._previous_loss = None
+        ctx.outputs["composer_losses"] = []
+
+    def _encode_regional_prompts(self, ctx):
+        """Once per call: each region's (CFG and conditional) embeddings and its concept token positions."""
         self._contexts, self._cond_contexts, self._tokens = [], [], []
         for lora in self._regional:
             prompt = self._regional_prompt(ctx.prompt, lora)
@@ -139,28 +155,24 @@ class ComposerMethod(CompositionMethod):
             words = [lora.trigger] + ([lora.concept] if lora.concept else [])
             self._tokens.append(sorted({p for w in words for p in token_positions(ctx.pipe.tokenizer, prompt, w)}))
 
-        self.state = RegionState([lora.adapter for lora in self._regional])
-        masks = {factor: self._masks(ctx, factor) for factor in {layer.factor for layer in layers}}
-        allowed = {f: isolation_mask(m) if self.options.isolation else None for f, m in masks.items()}
-        install_processors(
-            unet,
-            {
-                layer.name: RegionCrossAttnProcessor(self.state, masks[layer.factor], layer.name)
-                if layer.cross
-                else RegionIsolationAttnProcessor(allowed[layer.factor], self.state, layer.name)
-                for layer in layers
-            },
-        )
-        self._map_cross = layers_near_factor(unet, self.options.map_factor, cross=True)
-        self._map_self = layers_near_factor(unet, self.options.map_factor, cross=False)
-        factor = next(layer.factor for layer in layers if layer.name == self._map_cross[0])
-        self._map_hw = layer_grid(ctx.latent_hw, factor)
-        self._map_masks = [region_mask(lora.region, *self._map_hw).to(ctx.unet.device) for lora in self._regional]
-        self._guiding = self.options.guidance and any(
-            (self.options.fg_weight, self.options.fill_weight, self.options.reg_weight)
-        )
-        self._previous_loss = None
-        ctx.outputs["composer_losses"] = []
+    def _install_processors(self, ctx, layers):
+        """Injection in every cross-attention layer, isolation in every self-attention layer.
+
+        Masks are built once per layer resolution and shared by the layers of that resolution.
+        """
+        regions = [lora.region for lora in self._regional]
+        masks = {}
+        for factor in {layer.factor for layer in layers}:
+            grid = layer_grid(ctx.latent_hw, factor)
+            masks[factor] = torch.stack([region_mask(r, *grid).flatten() > 0 for r in regions]).to(ctx.unet.device)
+        allowed = {factor: isolation_mask(m) if self.options.isolation else None for factor, m in masks.items()}
+        processors = {
+            layer.name: RegionCrossAttnProcessor(self.state, masks[layer.factor], layer.name)
+            if layer.cross
+            else RegionIsolationAttnProcessor(allowed[layer.factor], self.state, layer.name)
+            for layer in layers
+        }
+        install_processors(ctx.unet, processors)
 
     def noise_prediction(self, ctx, latents, t, i):
         if i == 0 and self.options.reinit:
@@ -236,11 +248,6 @@ class ComposerMethod(CompositionMethod):
             store.mean()[:, :, tokens].transpose(1, 2).reshape(-1, len(tokens), *self._map_hw)
             for store, tokens in zip(recorder.cross, self._tokens)
         ]
-
-    def _masks(self, ctx, factor):
-        grid = layer_grid(ctx.latent_hw, factor)
-        masks = [region_mask(lora.region, *grid).flatten() > 0 for lora in self._regional]
-        return torch.stack(masks).to(ctx.unet.device)
 
     def _regional_prompt(self, prompt, lora):
         return lora.spec.prompt or default_regional_prompt(prompt, lora.trigger, lora.concept)
