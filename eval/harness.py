@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from compose.errors import ComposeError
+from compose.errors import ComposeError, UnknownMethodError
 from compose.loading import resolve_loras
 from compose.methods import build_method
 from compose.spec import LoraSpec, ResolvedLora
@@ -123,7 +123,7 @@ def parse_config(raw: dict[str, Any], base: Path) -> EvalConfig:
         clip = str((base / clip).resolve()) if (base / clip).exists() else clip
     elif default_clip() is None:
         raise EvalConfigError(
-            "clip", "missing: no toy-world CLIP is installed, so give a CLIP model folder (or an open_clip architecture)"
+            "clip", "missing: no toy-world CLIP is installed; give a CLIP model folder (or an open_clip architecture)"
         )
     pretrained = raw.get("clip_pretrained")
     if pretrained is not None:
@@ -210,7 +210,8 @@ def _methods(value) -> list[MethodEntry]:
         try:
             build_method(name, options)
         except ComposeError as error:
-            raise EvalConfigError(f"{where}.name" if "unknown method" in str(error) else f"{where}.options", str(error)) from error
+            part = "name" if isinstance(error, UnknownMethodError) else "options"
+            raise EvalConfigError(f"{where}.{part}", str(error)) from error
         methods.append(MethodEntry(_text(entry.get("label", name), f"{where}.label"), name, options))
     labels = [method.label for method in methods]
     if len(set(labels)) != len(labels):
@@ -324,7 +325,8 @@ def prepare_grid(pipe, config: EvalConfig) -> PreparedGrid:
             build_method(job.method.name, job.method.options).check(pipe, job.prompt, loras[job.lora_set])
         except ComposeError as error:
             where = f"prompts[{config.prompts.index(job.prompt)}]"
-            raise EvalConfigError(where, f"with LoRA set '{job.lora_set}' and method '{job.method.label}': {error}") from error
+            combination = f"with LoRA set '{job.lora_set}' and method '{job.method.label}'"
+            raise EvalConfigError(where, f"{combination}: {error}") from error
     return PreparedGrid(jobs, loras)
 
 

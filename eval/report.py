@@ -166,14 +166,14 @@ def _stat_cells(stats: dict[str, Any]) -> str:
     return f"<td>{_number(stats['mean'])} ± {_number(stats['std'])}</td><td>{ci.strip() or '–'}</td>"
 
 
-def render_html(rows, summary, plots: list[Path], grids: list[tuple[Path, str]], out: Path) -> str:
+def render_html(rows, summary, plots: list[Path], grids: list[tuple[Path, str]]) -> str:
     e = html.escape
     method_rows = "".join(
         f"<tr><td>{e(method)}</td><td>all</td><td>{entry['clip_score']['n']}</td>{_stat_cells(entry['clip_score'])}"
         f"{_stat_cells(entry['region_score'])}</tr>"
         + "".join(
-            f"<tr class=sub><td></td><td>{count}</td><td>{group['clip_score']['n']}</td>{_stat_cells(group['clip_score'])}"
-            f"{_stat_cells(group['region_score'])}</tr>"
+            f"<tr class=sub><td></td><td>{count}</td><td>{group['clip_score']['n']}</td>"
+            f"{_stat_cells(group['clip_score'])}{_stat_cells(group['region_score'])}</tr>"
             for count, group in entry["by_num_loras"].items()
         )
         for method, entry in summary["methods"].items()
@@ -196,9 +196,9 @@ tr.sub td {{ color: #555; font-size: 90% }} .caveat {{ background: #fff4d6; bord
 padding: 8px 12px }} figure {{ display: inline-block; margin: 6px }} img {{ image-rendering: pixelated }}
 </style></head><body>
 <h1>loracompose evaluation report</h1>
-<p>{len(rows)} images &middot; model <code>{e(str(first['model']))}</code> &middot; CLIP <code>{e(first['clip_model'])}</code>
-({e(first['clip_convention'])} convention) &middot; {first['steps']} steps, {first['height']}x{first['width']} px,
-guidance {first['guidance']}</p>
+<p>{len(rows)} images &middot; model <code>{e(str(first['model']))}</code> &middot;
+CLIP <code>{e(first['clip_model'])}</code> ({e(first['clip_convention'])} convention) &middot;
+{first['steps']} steps, {first['height']}x{first['width']} px, guidance {first['guidance']}</p>
 <p class="caveat"><b>Caveat.</b> {e(CAVEAT)}</p>
 <h2>Summary</h2>
 <table><tr><th>method</th><th>LoRAs</th><th>n</th><th>CLIPScore mean ± std</th><th>95% CI</th>
@@ -206,7 +206,8 @@ guidance {first['guidance']}</p>
 <h2>Plots</h2>
 {''.join(f"<figure><img src='{_embedded(p)}' alt='{e(p.stem)}'></figure>" for p in plots)}
 <h2>Same seed across methods</h2>
-{''.join(f"<figure><img src='{_embedded(p)}' alt='{e(p.stem)}'><figcaption>{e(c)}</figcaption></figure>" for p, c in grids)}
+{''.join(f"<figure><img src='{_embedded(p)}' alt='{e(p.stem)}'><figcaption>{e(c)}</figcaption></figure>"
+         for p, c in grids)}
 <h2>Every image</h2>
 <table><tr><th>image</th><th>method</th><th>LoRA set</th><th>seed</th><th>prompt</th><th>CLIPScore</th>
 <th>region scores</th><th>seconds</th><th>peak MB</th></tr>{image_rows}</table>
@@ -229,7 +230,7 @@ def write_report(results_dir: str | Path) -> Path:
     plot_score_vs_loras(summary, plots[1])
     grids = comparison_grids(rows, out / "grids")
     page = out / "report.html"
-    page.write_text(render_html(rows, summary, plots, grids, out))
+    page.write_text(render_html(rows, summary, plots, grids))
     return page
 
 

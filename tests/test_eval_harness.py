@@ -74,7 +74,8 @@ def test_grid_expands_prompt_set_method_seed(pipe, loras, tmp_path):
     assert len(jobs) == 2 * 3 * 2 * 3
     assert [job.seed for job in jobs[:4]] == [0, 1, 2, 0]
     assert [job.method.label for job in jobs[:6]] == ["merge"] * 3 + ["switch-1"] * 3
-    assert {(job.prompt, job.lora_set) for job in jobs[:18]} == {(raw["prompts"][0], s) for s in ("cat", "cat_dog", "dog")}
+    first_prompt = {(raw["prompts"][0], lora_set) for lora_set in ("cat", "cat_dog", "dog")}
+    assert {(job.prompt, job.lora_set) for job in jobs[:18]} == first_prompt
     grid = prepare_grid(pipe, config)
     assert len({grid.job_id(config, job) for job in grid.jobs}) == 36
 
@@ -171,7 +172,9 @@ def not_a_lora(tmp_path: Path) -> str:
 BAD_CONFIGS = {
     "unknown method": (lambda c, t: c["methods"].append("nosuch"), "methods[2].name"),
     "unknown option": (lambda c, t: c["methods"][1]["options"].update(speed=2), "methods[1].options"),
-    "missing LoRA file": (lambda c, t: c["lora_sets"]["cat_dog"][1].update(file="gone.safetensors"), "lora_sets.cat_dog[1].file"),
+    "missing LoRA file": (
+        lambda c, t: c["lora_sets"]["cat_dog"][1].update(file="gone.safetensors"), "lora_sets.cat_dog[1].file"
+    ),
     "seed not a number": (lambda c, t: c.update(seeds=[0, "1"]), "seeds[1]"),
     "negative seed": (lambda c, t: c.update(seeds=[-1]), "seeds[0]"),
     "repeated seed": (lambda c, t: c.update(seeds=[3, 3]), "seeds"),
