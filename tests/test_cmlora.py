@@ -236,3 +236,12 @@ def test_profile_command_prints_the_ranking_and_plots(loras, tmp_path, capsys):
     assert scores == sorted(scores, reverse=True)
     _profile_command([*argv, "--cache-dir", str(tmp_path)])
     assert capsys.readouterr().out.count("(cached)") == 2
+
+
+def test_profile_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    from compose.profiling import PROFILE_CACHE_ENV, default_cache_dir
+
+    monkeypatch.setenv(PROFILE_CACHE_ENV, str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    monkeypatch.delenv(PROFILE_CACHE_ENV)
+    assert default_cache_dir().parts[-3:] == (".cache", "loracompose", "profiles")

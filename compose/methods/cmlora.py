@@ -1,13 +1,16 @@
 """cmlora: composite where one LoRA dominates at a time, in frequency order, and the others come from a cache.
 
-Per step only the dominant LoRA runs fresh; on the non-uniform refresh steps every LoRA does (all
-fresh passes in one batched forward). The order comes from each LoRA's frequency profile (cached
-on disk) or from the user. Algorithm and defaults: docs/methods/cmlora.md.
+Per step the dominant LoRA runs fresh; on the non-uniform refresh steps so does every LoRA whose
+cached prediction is an interval old (all fresh passes in one batched forward). The others reuse
+their last prediction (`output`) or their deep UNet feature (`deep`). The order comes from each
+LoRA's frequency profile (cached on disk) or from the user. Algorithm and defaults:
+docs/methods/cmlora.md.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -79,7 +82,7 @@ class CmloraOptions:
             f"cmlora option cache must be one of {CACHE_MODES}, got {self.cache!r}",
         )
         require(
-            self.profile_cache_dir is None or isinstance(self.profile_cache_dir, str),
+            self.profile_cache_dir is None or isinstance(self.profile_cache_dir, (str, os.PathLike)),
             f"cmlora option profile_cache_dir must be a folder path or None, got {self.profile_cache_dir!r}",
         )
         self.profile_settings()  # raises on bad profiling options
