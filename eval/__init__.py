@@ -2,6 +2,8 @@
 
 from .clipscore import CLIPScorer
 from .errors import ClipModelError, EvalConfigError
+from .harness import load_config, run_eval
 from .memory import PeakMemory
+from .report import write_report
 
-__all__ = ["CLIPScorer", "ClipModelError", "EvalConfigError", "PeakMemory"]
+__all__ = ["CLIPScorer", "ClipModelError", "EvalConfigError", "PeakMemory", "load_config", "run_eval", "write_report"]
