@@ -239,7 +239,9 @@ def _lora_entry(entry, where: str, base: Path) -> dict[str, Any]:
         raise EvalConfigError(f"{where}.{unknown[0]}", f"unknown field; valid fields are {sorted(LORA_FIELDS)}")
     source = base / _text(entry.get("file"), f"{where}.file")
     if not source.exists():
-        raise EvalConfigError(f"{where}.file", f"LoRA file {source} does not exist")
+        raise EvalConfigError(
+            f"{where}.file", f"LoRA file {source.resolve()} does not exist (paths are relative to the config file)"
+        )
     entry = {**entry, "file": str(source.resolve())}
     try:
         lora_spec(entry)
