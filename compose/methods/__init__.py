@@ -10,6 +10,7 @@ from .composer import ComposerMethod
 from .composite import CompositeMethod
 from .merge import MergeMethod
 from .switch import SwitchMethod
+from .tara import TaraMethod
 
 METHODS: dict[str, type[CompositionMethod]] = {
     method.name: method
@@ -20,6 +21,7 @@ METHODS: dict[str, type[CompositionMethod]] = {
         CmloraMethod,
         CloraMethod,
         ComposerMethod,
+        TaraMethod,
     )
 }
 

@@ -1,0 +1,361 @@
+"""TARA training: a DreamBooth-style concept LoRA whose cross-attention k/v updates act only at the rare token.
+
+Loss = MSE(eps_hat, eps) + lambda * L_align. The token mask is applied during training exactly as
+`tara` applies it at inference, so the k/v updates at every other token are zero, and L_align is
+computed inside the attention processors (compose.attention.token_mask). The output holds the
+LoRA weights only, with rank/alpha and the rare token and class word in its metadata, so `tara`
+inference needs no extra flags. Checkpoints are safetensors plus a small JSON state (no pickles).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..adapters import activate, restore, snapshot
+from ..attention.layers import attention_layers, install_processors
+from ..attention.token_mask import KeyAlignment, TaraTrainingAttnProcessor, positions_mask
+from ..errors import InvalidOptionError
+from ..methods.base import require
+from ..saving import save_lora
+from ..tokens import require_word, token_positions
+
+ADAPTER = "tara_training"
+TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+@dataclass
+class TaraTrainingOptions:
+    rare_token: str
+    class_word: str
+    steps: int = 1000
+    lr: float = 1e-4
+    rank: int = 8
+    alpha: float = 32.0
+    lambda_align: float = 1.0
+    batch_size: int = 1
+    resolution: int | None = None  # image side in pixels; None: the model's native size (512 for SD 1.5)
+    grad_clip: float = 1.0
+    seed: int = 0
+    prompt: str | None = None  # caption of folder images; default "a photo of <rare> <class>"
+    checkpoint_every: int = 100  # steps between resumable checkpoints; 0 writes one at the end only
+
+    def __post_init__(self):
+        for name in ("rare_token", "class_word"):
+            value = getattr(self, name)
+            require(isinstance(value, str) and value.strip() != "", f"TARA training needs a non-empty {name}")
+        require(self.rare_token.lower() != self.class_word.lower(), "the rare token and the class word must differ")
+        for name, low in (("steps", 1), ("rank", 1), ("batch_size", 1), ("checkpoint_every", 0)):
+            value = getattr(self, name)
+            require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                f"TARA training option {name} must be a whole number >= {low}, got {value!r}",
+            )
+        for name in ("lr", "alpha", "lambda_align", "grad_clip"):
+            value = getattr(self, name)
+            require(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0,
+                f"TARA training option {name} must be a finite number >= 0, got {value!r}",
+            )
+        require(self.lr > 0 and self.alpha > 0, "TARA training options lr and alpha must be > 0")
+        require(
+            self.resolution is None or (isinstance(self.resolution, int) and self.resolution > 0),
+            f"TARA training option resolution must be a positive whole number of pixels, got {self.resolution!r}",
+        )
+
+    @property
+    def caption(self) -> str:
+        return self.prompt or f"a photo of {self.rare_token} {self.class_word}"
+
+
+@dataclass
+class TaraTrainingResult:
+    path: Path
+    steps: int  # total steps of the run, including steps done before a resume
+    mse: list[float] = field(default_factory=list)  # per step of this session
+    align: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def steps_per_second(self) -> float:
+        return len(self.mse) / self.seconds if self.seconds else 0.0
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    """Where the resumable state of a run writing `out` lives: beside it, `<stem>.checkpoint/`."""
+    out = Path(out)
+    return out.with_name(out.stem + ".checkpoint")
+
+
+def train_tara(
+    pipe,
+    data: str | Path | Iterable,
+    out: str | Path,
+    options: TaraTrainingOptions,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> TaraTrainingResult:
+    """Train one TARA concept LoRA on `pipe`'s UNet and save it to `out` (safetensors).
+
+    data: a folder of png/jpg images (captioned `options.caption`), or (image, caption) pairs where
+    the image is a PIL image, a path or an HxWx3 uint8 array and caption None means the default.
+    resume: continue from the checkpoint beside `out` when there is one. The pipeline is left as
+    it was (the training adapter is removed, processors and adapter state restored).
+    """
+    resolution = options.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    check_resolution(pipe, resolution)
+    examples = load_examples(data, options.caption)
+    lora_name = Path(out).stem
+    with torch.no_grad():
+        batch = prepare_batch(pipe, examples, resolution, options, lora_name)
+    with training_adapter(pipe.unet, options) as (params, alignment):
+        return run_training(pipe, batch, params, alignment, options, Path(out), resume, progress)
+
+
+def check_resolution(pipe, resolution: int) -> None:
+    multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    require(
+        resolution % multiple == 0,
+        f"TARA training resolution {resolution} px must be a multiple of {multiple} px for this model",
+    )
+
+
+def load_examples(data, caption: str) -> list[tuple[Image.Image, str]]:
+    """(RGB image, caption) pairs from a folder or from (image, caption) pairs."""
+    if isinstance(data, (str, Path)):
+        folder = Path(data)
+        require(folder.is_dir(), f"training images folder {folder} does not exist")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        require(bool(files), f"training images folder {folder} holds no .png/.jpg files")
+        return [(Image.open(p).convert("RGB"), caption) for p in files]
+    pairs = [(as_image(image), text or caption) for image, text in data]
+    require(bool(pairs), "TARA training got no (image, caption) pairs")
+    return pairs
+
+
+def as_image(image) -> Image.Image:
+    if isinstance(image, (str, Path)):
+        return Image.open(image).convert("RGB")
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image).convert("RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    raise InvalidOptionError(f"a training image must be a PIL image, a path or a uint8 array, not {type(image).__name__}")
+
+
+def image_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Shorter side scaled to `resolution`, centre crop, (3, R, R) in [-1, 1]."""
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+    return pixels.permute(2, 0, 1)
+
+
+@dataclass
+class TrainingBatch:
+    """Everything per example that does not change while training: latent posteriors, text and masks."""
+
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+    embeds: torch.Tensor
+    rare_mask: torch.Tensor
+    class_mask: torch.Tensor | None
+
+
+def prepare_batch(pipe, examples, resolution: int, options: TaraTrainingOptions, lora_name: str) -> TrainingBatch:
+    """Encode images and captions once (VAE and text encoder are frozen), and find the token masks."""
+    device, vae = pipe.unet.device, pipe.vae
+    means, stds = [], []
+    for image, _ in examples:
+        pixels = image_tensor(image, resolution)[None].to(device, vae.dtype)
+        posterior = vae.encode(pixels).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    factor = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    embeds, rare, concept = {}, [], []
+    for _, caption in examples:
+        if caption not in embeds:
+            embeds[caption] = pipe.encode_prompt(caption, device, 1, False)[0]
+        length = embeds[caption].shape[1]
+        rare.append(positions_mask(require_word(pipe.tokenizer, caption, options.rare_token, lora_name), length))
+        positions = token_positions(pipe.tokenizer, caption, options.class_word)
+        require(
+            bool(positions) or options.lambda_align == 0,
+            f"caption '{caption}' lacks the class word '{options.class_word}' that the key-alignment loss needs; "
+            "add it to the caption or set lambda_align to 0",
+        )
+        concept.append(positions_mask(positions, length))
+    return TrainingBatch(
+        latent_mean=(torch.cat(means) - shift) * factor,
+        latent_std=torch.cat(stds) * factor,
+        embeds=torch.cat([embeds[caption] for _, caption in examples]),
+        rare_mask=torch.stack(rare).to(device),
+        class_mask=torch.stack(concept).to(device) if options.lambda_align > 0 else None,
+    )
+
+
+@contextmanager
+def training_adapter(unet, options: TaraTrainingOptions) -> Iterator[tuple[dict[str, torch.nn.Parameter], KeyAlignment]]:
+    """The UNet with a fresh trainable LoRA and TARA processors; afterwards exactly as before."""
+    processors = dict(unet.attn_processors)
+    adapter_state = snapshot([unet])
+    trainable = {name: p.requires_grad for name, p in unet.named_parameters()}
+    was_training = unet.training
+    had_adapters = bool(getattr(unet, "peft_config", None))
+    config = LoraConfig(
+        r=options.rank, lora_alpha=options.alpha, init_lora_weights="gaussian", target_modules=TARGET_MODULES
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        unet.add_adapter(config, adapter_name=ADAPTER)
+    try:
+        activate(unet, {ADAPTER: 1.0})
+        unet.requires_grad_(False)
+        params = {name: p for name, p in unet.named_parameters() if f".{ADAPTER}." in name}
+        for p in params.values():
+            p.requires_grad_(True)
+        alignment = KeyAlignment()
+        install_processors(
+            unet,
+            {layer.name: TaraTrainingAttnProcessor(ADAPTER, alignment) for layer in attention_layers(unet) if layer.cross},
+        )
+        unet.train()
+        yield params, alignment
+    finally:
+        unet.set_attn_processor(processors)
+        if had_adapters:
+            unet.delete_adapters(ADAPTER)
+        else:  # also remove the peft wrappers, so the UNet is the plain model again
+            unet.unload_lora()
+        restore([unet], adapter_state)
+        for name, p in unet.named_parameters():
+            p.requires_grad_(trainable.get(name, False))
+        unet.train(was_training)
+
+
+def run_training(pipe, batch, params, alignment, options, out: Path, resume: bool, progress: bool) -> TaraTrainingResult:
+    unet = pipe.unet
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    optimizer = torch.optim.AdamW(params.values(), lr=options.lr)
+    generator = torch.Generator().manual_seed(options.seed)
+    start = load_checkpoint(checkpoint_dir(out), params, optimizer, generator, options) if resume else 0
+    result = TaraTrainingResult(path=out, steps=start)
+    count = batch.latent_mean.shape[0]
+    began = time.perf_counter()
+    bar = tqdm(range(start, options.steps), initial=start, total=options.steps, desc="train-tara", disable=not progress)
+    for step in bar:
+        index = torch.randint(count, (options.batch_size,), generator=generator)
+        latents = batch.latent_mean[index] + batch.latent_std[index] * torch.randn(
+            batch.latent_mean[index].shape, generator=generator
+        ).to(batch.latent_mean)
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        timesteps = torch.randint(scheduler.config.num_train_timesteps, (options.batch_size,), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        alignment.start(batch.rare_mask[index], None if batch.class_mask is None else batch.class_mask[index])
+        prediction = unet(noisy, timesteps.to(unet.device), batch.embeds[index]).sample
+        mse = F.mse_loss(prediction.float(), target.float())
+        align = alignment.loss()
+        loss = mse + options.lambda_align * align
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if options.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params.values(), options.grad_clip)
+        optimizer.step()
+        result.mse.append(mse.item())
+        result.align.append(align.item())
+        result.steps = step + 1
+        bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{mse.item():.4f}", align=f"{align.item():.4f}")
+        if options.checkpoint_every and result.steps % options.checkpoint_every == 0 and result.steps < options.steps:
+            save_checkpoint(checkpoint_dir(out), params, optimizer, generator, options, result.steps)
+    result.seconds = time.perf_counter() - began
+    save_checkpoint(checkpoint_dir(out), params, optimizer, generator, options, result.steps)
+    save_trained_lora(unet, out, options)
+    return result
+
+
+def save_trained_lora(unet, out: Path, options: TaraTrainingOptions) -> Path:
+    """The trained adapter's A/B matrices only, with rank/alpha, rare token and class word."""
+    layers = {
+        ("unet", name): (module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight)
+        for name, module in unet.named_modules()
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A
+    }
+    extra = {"loracompose.method": "tara", "loracompose.tara.lambda_align": str(options.lambda_align)}
+    return save_lora(
+        out, layers, options.rank, options.alpha,
+        trigger=options.rare_token, concept=options.class_word, extra_metadata=extra,
+    )  # fmt: skip
+
+
+# What must match for a checkpoint to be resumed: anything that changes the model or the data stream.
+_RESUME_KEYS = ("rare_token", "class_word", "rank", "alpha", "batch_size", "resolution", "seed", "prompt")
+
+
+def save_checkpoint(folder: Path, params, optimizer, generator, options, step: int) -> None:
+    """LoRA weights, AdamW moments and the sampling generator as safetensors; step and options as JSON."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"lora/{name}": p.detach().contiguous() for name, p in params.items()}
+    state = optimizer.state_dict()["state"]
+    for index, name in enumerate(params):
+        for key, value in state.get(index, {}).items():
+            tensors[f"adam/{key}/{name}"] = torch.as_tensor(value).contiguous()
+    tensors["generator"] = generator.get_state()
+    _write_atomically(folder / "state.safetensors", lambda path: save_file(tensors, path, metadata={"step": str(step)}))
+    record = {"step": step, "options": asdict(options)}
+    _write_atomically(folder / "state.json", lambda path: Path(path).write_text(json.dumps(record, indent=1)))
+
+
+def load_checkpoint(folder: Path, params, optimizer, generator, options) -> int:
+    """Restore a run and return its step; 0 when there is no checkpoint yet."""
+    if not (folder / "state.json").is_file():
+        return 0
+    record = json.loads((folder / "state.json").read_text())
+    for key in _RESUME_KEYS:
+        require(
+            record["options"].get(key) == getattr(options, key),
+            f"checkpoint {folder} was made with {key}={record['options'].get(key)!r}, not {getattr(options, key)!r}; "
+            "use the same settings or another --out",
+        )
+    tensors = load_file(str(folder / "state.safetensors"))
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"lora/{name}"])
+    index_of = {name: index for index, name in enumerate(params)}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("adam/"):
+            _, moment, name = key.split("/", 2)
+            state.setdefault(index_of[name], {})[moment] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    generator.set_state(tensors["generator"])
+    return int(record["step"])
+
+
+def _write_atomically(path: Path, write) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    write(str(temporary))
+    os.replace(temporary, path)
