@@ -1,0 +1,236 @@
+"""The web UI without a browser: library and uploads, option forms, recipes, code, handlers."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from typing import Literal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+gr = pytest.importorskip("gradio")
+
+from compose.errors import (  # noqa: E402
+    ComposeError,
+    IncompatibleLoraError,
+    InvalidOptionError,
+    InvalidRegionError,
+    NotSafetensorsError,
+    TriggerNotInPromptError,
+)
+from compose.methods import METHODS  # noqa: E402
+from compose.methods.merge import MergeMethod  # noqa: E402
+from pipelines.generate import generate  # noqa: E402
+from pipelines.recipe import read_recipe  # noqa: E402
+from ui import LoraLibrary, build_app  # noqa: E402
+from ui.app import ComposeApp  # noqa: E402
+from ui.form import LoraSettings, arrange, build_recipe, check_triggers, python_code, suggest_prompt  # noqa: E402
+from ui.library import upload_stem  # noqa: E402
+from ui.options import option_fields, options_from_form  # noqa: E402
+from ui.pictures import for_display, map_pictures, region_preview  # noqa: E402
+
+
+@pytest.fixture()
+def library_dir(tmp_path, loras):
+    folder = tmp_path / "library"
+    folder.mkdir()
+    shutil.copy(loras["cat"], folder / "cat.safetensors")
+    shutil.copy(loras["dog"], folder / "dog.safetensors")
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(folder / "cat.png")
+    save_file({"weight": torch.zeros(2, 2)}, str(folder / "not_a_lora.safetensors"))
+    return folder
+
+
+@pytest.fixture()
+def library(library_dir, tmp_path, pipe):
+    return LoraLibrary([library_dir], tmp_path / "uploads", pipe=pipe)
+
+
+def form_values(app: ComposeApp, **changes) -> dict:
+    """What the browser would send: every widget's current value, then the changes."""
+    widgets = app.form_inputs | {app.selection, app.suggested_prompt, app.history, app.compare_methods, app.show_maps}
+    values = {widget: widget.value for widget in widgets}
+    for name, value in changes.items():
+        values[getattr(app, name)] = value
+    return values
+
+
+def select(app: ComposeApp, values: dict, names: list[str]) -> dict:
+    """Apply the selection handler's updates to `values` as the browser would."""
+    values[app.selection] = names
+    updates = app.arrange_slots(values)
+    widgets = [w for slot in app.slots for w in (slot.group, slot.title, *slot.inputs)]
+    widgets += [app.slot_names, app.prompt, app.suggested_prompt]
+    for widget, update in zip(widgets, updates):
+        if not isinstance(update, dict):
+            values[widget] = update
+    return values
+
+
+class NoProgress:
+    def __call__(self, *args, **kwargs):
+        pass
+
+
+# ----- library ---------------------------------------------------------------------------------
+def test_library_reads_triggers_previews_and_skips_non_loras(library, library_dir):
+    assert sorted(library.entries) == ["cat", "dog"]
+    cat = library.get("cat")
+    assert (cat.trigger, cat.concept, cat.preview) == ("sks", "cat", library_dir / "cat.png")
+    assert library.get("dog").preview is None
+    assert "no LoRA weights" in library.skipped["not_a_lora.safetensors"]
+    with pytest.raises(ComposeError, match="no LoRA named 'etc/passwd'"):
+        library.get("etc/passwd")
+
+
+def test_path_traversal_upload_stays_in_the_upload_folder(library, loras, tmp_path):
+    entry = library.add_upload(loras["cat"], "../../evil.safetensors")
+    assert entry.path.parent == library.upload_dir and entry.path.name == "evil.safetensors"
+    assert not (tmp_path / "evil.safetensors").exists() and not (library.upload_dir.parent.parent / "evil.safetensors").exists()
+    again = library.add_upload(loras["cat"], "..\\..\\evil.safetensors")
+    assert again.path == library.upload_dir / "evil-2.safetensors"
+    assert upload_stem("/etc/.hidden name!.safetensors") == "hidden_name"
+    assert {p.name for p in library.upload_dir.iterdir()} == {"evil.safetensors", "evil-2.safetensors"}
+
+
+def test_pickled_upload_is_refused_and_not_kept(library, tmp_path):
+    pickled = tmp_path / "innocent.safetensors"
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, pickled)
+    with pytest.raises(NotSafetensorsError, match="pickled"):
+        library.add_upload(pickled, "innocent.safetensors")
+    with pytest.raises(NotSafetensorsError, match="pickled checkpoint"):
+        library.add_upload(pickled, "model.ckpt")
+    assert list(library.upload_dir.iterdir()) == []
+
+
+def test_upload_size_limit_and_incompatible_lora(library, loras, tmp_path):
+    library.upload_limit = 100
+    with pytest.raises(ComposeError, match="upload limit"):
+        library.add_upload(loras["cat"], "cat.safetensors")
+    library.upload_limit = 10**9
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"unet.down.to_q.lora_A.weight": torch.zeros(4, 7), "unet.down.to_q.lora_B.weight": torch.zeros(7, 4)}, str(wrong))
+    with pytest.raises(IncompatibleLoraError):
+        library.add_upload(wrong, "wrong.safetensors")
+    assert list(library.upload_dir.iterdir()) == []
+
+
+# ----- option forms ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class ExampleOptions:
+    flag: bool = True
+    count: int = 3
+    scale: float | None = None
+    mode: Literal["a", "b"] = "a"
+    label: str | None = None
+    steps: tuple = (1, 2)
+    hidden: float = dataclasses.field(default=0.5, metadata={"advanced": True})
+
+
+def test_option_fields_follow_the_dataclass():
+    fields = {f.name: f for f in option_fields(ExampleOptions)}
+    assert [(f.kind, f.optional) for f in fields.values()] == [
+        ("bool", False), ("int", False), ("float", True), ("choice", False), ("str", True), ("json", False),
+        ("float", False),
+    ]  # fmt: skip
+    assert fields["mode"].choices == ("a", "b")
+    assert [f.name for f in fields.values() if f.advanced] == ["mode", "label", "steps", "hidden"]
+    order = list(fields.values())
+    assert options_from_form("x", order, [True, 3.0, None, "a", "", "[1, 2]", 0.5]) == {}
+    assert options_from_form("x", order, [False, 4.0, 1.5, "b", "hi", "[3]", 0.5]) == {
+        "flag": False, "count": 4, "scale": 1.5, "mode": "b", "label": "hi", "steps": [3],
+    }  # fmt: skip
+    with pytest.raises(InvalidOptionError, match="steps.*not valid JSON"):
+        options_from_form("x", order, [True, 3, None, "a", "", "[1,", 0.5])
+    with pytest.raises(InvalidOptionError, match="count needs a value"):
+        options_from_form("x", order, [True, None, None, "a", "", "[1, 2]", 0.5])
+
+
+# ----- recipes and code ------------------------------------------------------------------------
+def test_recipe_checks_bad_input_before_any_work(library, pipe):
+    loras = arrange(["cat", "dog"], arrange(["cat"], [], library), library)
+    assert [lora.box for lora in loras] == [(0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)]  # default strips re-split
+    moved = arrange(["dog", "cat"], [dataclasses.replace(loras[0], box=(0.1, 0.1, 0.9, 0.4), weight=0.3), loras[1]], library)
+    assert [(lora.name, lora.box, lora.weight) for lora in moved] == [
+        ("dog", (0.0, 0.0, 1.0, 0.5), 1.0), ("cat", (0.1, 0.1, 0.9, 0.4), 0.3),
+    ]  # fmt: skip
+    assert suggest_prompt(loras) == "a sks cat and a zwx dog"
+    common = dict(model="tiny", negative_prompt="", seed=1, steps=2, guidance=5.0, height=64, width=64, library=library)
+    with pytest.raises(ComposeError, match="no LoRA selected"):
+        build_recipe(prompt="a cat", method="merge", options={}, loras=[], **common)
+    bad_box = [dataclasses.replace(loras[0], use_region=True, box=(0.5, 0.2, 0.4, 0.9)), loras[1]]
+    with pytest.raises(InvalidRegionError, match="LoRA 'cat'.*empty"):
+        build_recipe(prompt="a sks cat", method="merge", options={}, loras=bad_box, **common)
+    with pytest.raises(InvalidOptionError, match="switch_step"):
+        build_recipe(prompt="a sks cat", method="switch", options={"switch_step": 0}, loras=loras, **common)
+    recipe = build_recipe(prompt="a sks cat and a dog", method="merge", options={}, loras=loras, **common)
+    with pytest.raises(TriggerNotInPromptError, match="'zwx'.*clear its trigger field"):
+        check_triggers(pipe.tokenizer, recipe)
+    cleared = [loras[0], dataclasses.replace(loras[1], trigger="")]
+    check_triggers(pipe.tokenizer, build_recipe(prompt="a sks cat and a dog", method="merge", options={}, loras=cleared, **common))
+
+
+def test_python_code_reproduces_the_image(library, pipe):
+    loras = [dataclasses.replace(lora, weight=0.7) for lora in arrange(["cat", "dog"], [], library)]
+    loras[1] = dataclasses.replace(loras[1], use_region=True)
+    recipe = build_recipe(
+        model="tiny", prompt="a sks cat and a zwx dog", negative_prompt="blurry", seed=3, steps=2, guidance=5.0,
+        height=64, width=64, method="switch", options={"switch_step": 1}, loras=loras, library=library,
+    )  # fmt: skip
+    code = python_code(recipe)
+    assert "method_options={'switch_step': 1}" in code and "region=(0.0, 0.5, 1.0, 1.0)" in code
+    namespace: dict = {}
+    exec(compile(code.replace('image.save("out.png")', ""), "<ui code>", "exec"), namespace)
+    expected, _ = generate(pipe, recipe)
+    np.testing.assert_array_equal(np.asarray(namespace["image"]), np.asarray(expected))
+
+
+def test_pictures(library):
+    loras = [dataclasses.replace(lora, use_region=True) for lora in arrange(["cat", "dog"], [], library)]
+    preview = region_preview(loras, 64, 128, size=256)
+    assert preview.size == (256, 128)
+    assert preview.getpixel((64, 64)) != preview.getpixel((192, 64))  # two boxes, two colours
+    assert for_display(Image.new("RGB", (64, 32))).size == (256, 128)
+    maps = map_pictures({"masks": torch.rand(2, 1, 8, 8)}, ["cat", "dog"])
+    assert [caption for _, caption in maps] == ["masks: cat", "masks: dog"]
+
+
+# ----- the app ---------------------------------------------------------------------------------
+def test_app_builds_and_lists_every_registered_method(library, pipe, monkeypatch):
+    @dataclasses.dataclass
+    class LaterOptions:
+        strength: float = 0.5
+
+    class LaterMethod(MergeMethod):
+        """later: a method registered after the UI was written."""
+
+        name = "later"
+        options_class = LaterOptions
+
+    monkeypatch.setitem(METHODS, "later", LaterMethod)
+    app = ComposeApp(pipe, library, "tiny")
+    assert isinstance(build_app(pipe, library, "tiny"), gr.Blocks)
+    assert app.method.choices == [(name, name) for name in METHODS]
+    assert [field.name for field in app.method_forms["later"].fields] == ["strength"]
+    assert app.show_method("later")[0] == "later: a method registered after the UI was written."
+
+
+def test_generate_handler_writes_png_with_recipe_and_reports_errors(library, pipe, tmp_path):
+    app = ComposeApp(pipe, library, "tiny", output_dir=tmp_path / "out")
+    values = select(app, form_values(app, steps=2), ["cat", "dog"])
+    assert values[app.prompt] == "a sks cat and a zwx dog"
+    values[app.slots[1].weight] = 0.5
+    history, status, download, seed, _ = app.generate(values, progress=NoProgress())
+    assert len(history) == 1 and history[0][0].size == (256, 256) and "2 steps" in status
+    recipe = read_recipe(download["value"])
+    assert [(lora["name"], lora["weight"]) for lora in recipe["loras"]] == [("cat", 1.0), ("dog", 0.5)]
+    assert "weight=0.5" in app.show_code(values)
+    values[app.prompt] = "a sks cat and a dog"
+    with pytest.raises(gr.Error, match="trigger word 'zwx'"):
+        app.generate(values, progress=NoProgress())
+    with pytest.raises(gr.Error, match="no LoRA selected"):
+        app.generate(select(app, values, []), progress=NoProgress())

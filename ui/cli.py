@@ -1,0 +1,35 @@
+"""`loracompose ui`: serve the web UI for one model and the LoRAs in some folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipelines.loading import default_model, load_pipeline
+
+from .library import DEFAULT_UPLOAD_LIMIT, LoraLibrary
+
+DEFAULT_UPLOAD_DIR = Path("~/.cache/loracompose/uploads")
+
+
+def run(args) -> int:
+    from .app import build_app  # gradio loads only when the UI is served
+
+    pipe = load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    limit = args.max_upload_mb * 2**20
+    library = LoraLibrary(args.lora_dir, args.upload_dir, pipe=pipe, upload_limit=limit)
+    print(f"{len(library.entries)} LoRAs from {', '.join(map(str, library.folders)) or 'no folder'}; uploads go to {library.upload_dir}")
+    app = build_app(pipe, library, pipe.model_name)
+    app.launch(server_name=args.host, server_port=args.port, max_file_size=limit, show_error=True)
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("ui", help="serve the web UI")
+    parser.add_argument("--model", default=default_model(), help="diffusers folder or 'tiny' (default: %(default)s)")
+    parser.add_argument("--lora-dir", action="append", default=[], type=Path, help="folder of .safetensors LoRAs; repeat")
+    parser.add_argument("--upload-dir", type=Path, default=DEFAULT_UPLOAD_DIR, help="private folder for uploads")
+    parser.add_argument("--max-upload-mb", type=int, default=DEFAULT_UPLOAD_LIMIT // 2**20)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.set_defaults(run=run)

@@ -1,0 +1,100 @@
+"""Pictures the UI shows besides generated images: region boxes, library cards, masks and maps."""
+
+from __future__ import annotations
+
+import colorsys
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from compose.errors import InvalidRegionError
+from compose.regions import Box
+
+from .form import LoraSettings
+
+DISPLAY_SIZE = 256
+# Method outputs (`out.extras`) holding per-pixel maps worth looking at.
+MAP_EXTRAS = ("masks", "attention_maps")
+MAX_MAPS = 24
+
+
+def font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def colour(index: int) -> tuple[int, int, int]:
+    """Distinct, saturated colours for LoRA 0, 1, 2, ... (golden-ratio hue steps)."""
+    red, green, blue = colorsys.hsv_to_rgb((index * 0.618) % 1.0, 0.75, 0.95)
+    return int(red * 255), int(green * 255), int(blue * 255)
+
+
+def for_display(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
+    """Small images scaled up by a whole factor with nearest neighbours, so pixels stay sharp."""
+    factor = max(1, size // max(image.size))
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
+
+
+def region_preview(loras: list[LoraSettings], height: int, width: int, size: int = DISPLAY_SIZE) -> Image.Image:
+    """The boxes of the LoRAs that use a region, drawn over an empty frame of the image's shape."""
+    scale = size / max(height, width, 1)
+    frame_w, frame_h = max(1, round(width * scale)), max(1, round(height * scale))
+    picture = Image.new("RGB", (frame_w, frame_h), (245, 245, 245))
+    draw = ImageDraw.Draw(picture, "RGBA")
+    draw.rectangle([0, 0, frame_w - 1, frame_h - 1], outline=(160, 160, 160))
+    if not any(lora.use_region for lora in loras):
+        draw.text((10, frame_h // 2 - 8), "no region: tick 'region' on a LoRA", fill=(120, 120, 120), font=font(14))
+    for index, lora in enumerate(loras):
+        if not lora.use_region:
+            continue
+        try:
+            box = Box(*lora.box)
+        except InvalidRegionError:  # reported when generating; the preview just leaves it out
+            continue
+        red, green, blue = colour(index)
+        corners = [box.left * frame_w, box.top * frame_h, box.right * frame_w - 1, box.bottom * frame_h - 1]
+        draw.rectangle(corners, fill=(red, green, blue, 60), outline=(red, green, blue, 255), width=3)
+        draw.text((corners[0] + 6, corners[1] + 4), lora.name, fill=(red // 2, green // 2, blue // 2, 255), font=font(16))
+    return picture
+
+
+def library_card(name: str, trigger: str | None, size: int = 128) -> Image.Image:
+    """Stands in for a LoRA without a preview PNG: its name and trigger on a plain tile."""
+    tile = Image.new("RGB", (size, size), (232, 236, 241))
+    draw = ImageDraw.Draw(tile)
+    draw.text((10, size // 2 - 22), name[:14], fill=(40, 40, 40), font=font(18))
+    if trigger:
+        draw.text((10, size // 2 + 6), f"trigger: {trigger}"[:18], fill=(90, 90, 90), font=font(13))
+    return tile
+
+
+def map_pictures(extras: dict[str, Any], names: list[str]) -> list[tuple[Image.Image, str]]:
+    """Masks and attention maps a method put into its extras, as captioned greyscale pictures.
+
+    Accepted shapes: a tensor (..., h, w) whose first axis is the LoRA, a list of such, or a dict
+    {name: tensor}; leading axes beyond the first are shown one picture each.
+    """
+    pictures = []
+    for key in MAP_EXTRAS:
+        value = extras.get(key)
+        if value is None:
+            continue
+        items = value.items() if isinstance(value, dict) else (
+            (names[i] if i < len(names) else str(i), item) for i, item in enumerate(value)
+        )
+        for label, item in items:
+            maps = torch.as_tensor(item).detach().float().cpu()
+            if maps.ndim < 2:
+                continue
+            maps = maps.reshape(-1, *maps.shape[-2:])
+            for j, single in enumerate(maps):
+                caption = f"{key}: {label}" + (f" [{j}]" if len(maps) > 1 else "")
+                pictures.append((for_display(_grey(single), 128), caption))
+    return pictures[:MAX_MAPS]
+
+
+def _grey(values: torch.Tensor) -> Image.Image:
+    low, high = values.min(), values.max()
+    scaled = (values - low) / (high - low) if high > low else torch.zeros_like(values)
+    return Image.fromarray(np.uint8(scaled.numpy() * 255))
