@@ -31,7 +31,16 @@ from ui.app import ComposeApp  # noqa: E402
 from ui.form import LoraSettings, arrange, build_recipe, check_triggers, python_code, suggest_prompt  # noqa: E402
 from ui.library import upload_stem  # noqa: E402
 from ui.options import option_fields, options_from_form  # noqa: E402
-from ui.pictures import for_display, map_pictures, region_preview  # noqa: E402
+from ui.pictures import for_display, mask_pictures, region_preview  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """On a busy 2-core machine two OpenMP threads make the tiny UNet ~40x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture()
@@ -195,8 +204,13 @@ def test_pictures(library):
     assert preview.size == (256, 128)
     assert preview.getpixel((64, 64)) != preview.getpixel((192, 64))  # two boxes, two colours
     assert for_display(Image.new("RGB", (64, 32))).size == (256, 128)
-    maps = map_pictures({"masks": torch.rand(2, 1, 8, 8)}, ["cat", "dog"])
-    assert [caption for _, caption in maps] == ["masks: cat", "masks: dog"]
+    masks = torch.zeros(3, 8, 8)
+    masks[1, :, :4] = 1
+    pictures = mask_pictures({"masks": masks, "pass_adapters": ["__base__", "cat", "dog"]}, ["cat", "dog"])
+    assert [caption for _, caption in pictures] == ["mask: base", "mask: cat", "mask: dog"]
+    cat = np.asarray(pictures[1][0])
+    assert cat.shape == (128, 128) and cat[0, 0] == 255 and cat[0, -1] == 0
+    assert mask_pictures({"losses": []}, ["cat"]) == []
 
 
 # ----- the app ---------------------------------------------------------------------------------
@@ -234,3 +248,27 @@ def test_generate_handler_writes_png_with_recipe_and_reports_errors(library, pip
         app.generate(values, progress=NoProgress())
     with pytest.raises(gr.Error, match="no LoRA selected"):
         app.generate(select(app, values, []), progress=NoProgress())
+
+
+def test_compare_labels_each_method_shows_masks_and_reports_a_method_that_cannot_run(library, pipe, tmp_path):
+    app = ComposeApp(pipe, library, "tiny", output_dir=tmp_path / "out")
+    values = select(app, form_values(app, steps=2, compare_methods=["merge", "clora", "composer"], show_maps=True), ["cat", "dog"])
+    clora = app.method_forms["clora"]
+    values[clora.inputs[[field.name for field in clora.fields].index("refinement_rounds")]] = 1
+    cells, masks, seed = app.compare(values, progress=NoProgress())
+    captions = [caption for _, caption in cells]
+    assert captions[0].startswith("merge (") and captions[1].startswith("clora (")
+    assert captions[2].startswith("composer: ") and "region" in captions[2]  # composer needs a box per LoRA
+    assert masks["visible"] and [caption for _, caption in masks["value"]] == [
+        "clora mask: base", "clora mask: cat", "clora mask: dog",
+    ]  # fmt: skip
+
+
+def test_ui_command_line(tmp_path):
+    from pipelines.cli import build_parser
+    from ui import cli
+
+    args = build_parser("ui").parse_args(["ui", "--model", "tiny", "--lora-dir", "a", "--lora-dir", "b", "--port", "7999"])
+    assert (args.run, args.model, [str(d) for d in args.lora_dir], args.host, args.port) == (
+        cli.run, "tiny", ["a", "b"], "127.0.0.1", 7999,
+    )  # fmt: skip

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "images" / "ui.png"
@@ -21,6 +20,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 import uvicorn  # noqa: E402  (gradio depends on it)
 from fastapi import FastAPI  # noqa: E402
 
+from test_ui_app import one_thread  # noqa: E402,F401  (module fixture)
 from ui import LoraLibrary, build_app  # noqa: E402
 
 
@@ -28,15 +28,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """A busy 2-core machine runs the tiny UNet far faster on one OpenMP thread than on two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

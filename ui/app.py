@@ -25,7 +25,7 @@ from pipelines.recipe import save_png_with_recipe
 from .form import LoraSettings, arrange, build_recipe, check_triggers, python_code, suggest_prompt, with_method
 from .library import LoraLibrary
 from .options import OptionField, option_fields, options_from_form
-from .pictures import for_display, library_card, map_pictures, region_preview
+from .pictures import for_display, library_card, mask_pictures, region_preview
 
 MAX_LORAS = 5
 HISTORY = 12
@@ -211,12 +211,12 @@ class ComposeApp:
                 self.compare_methods = gr.CheckboxGroup(
                     list(METHODS), value=list(METHODS)[:COMPARED_BY_DEFAULT], label="Methods (same seed, each with its options)"
                 )
-                self.show_maps = gr.Checkbox(False, label="show masks / attention maps the methods report")
+                self.show_maps = gr.Checkbox(False, label="show the masks that methods report (e.g. clora)")
                 self.compare_button = gr.Button("Compare", variant="primary", elem_id="compare")
                 self.compare_gallery = gr.Gallery(
                     label="Same seed, one image per method", columns=3, format="png", elem_id="compare-grid"
                 )
-                self.map_gallery = gr.Gallery(label="Masks and maps", columns=4, format="png", visible=False)
+                self.map_gallery = gr.Gallery(label="Masks", columns=4, format="png", visible=False, elem_id="masks")
             with gr.Tab("Use it in Python"):
                 self.code = gr.Code(
                     language="python", label="The pipeline call for these settings", lines=18, wrap_lines=True, elem_id="code"
@@ -368,7 +368,7 @@ class ComposeApp:
                 continue
             cells.append((for_display(image), f"{recipe['method']} ({seconds:.1f} s)"))
             names = [lora["name"] for lora in recipe["loras"]]
-            maps += [(picture, f"{recipe['method']} {caption}") for picture, caption in map_pictures(output.extras, names)]
+            maps += [(picture, f"{recipe['method']} {caption}") for picture, caption in mask_pictures(output.extras, names)]
         show_maps = values[self.show_maps] and bool(maps)
         return [cells, gr.update(value=maps if show_maps else None, visible=show_maps), base["seed"]]
 

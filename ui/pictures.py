@@ -9,15 +9,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from compose.adapters import BASE
 from compose.errors import InvalidRegionError
 from compose.regions import Box
 
 from .form import LoraSettings
 
 DISPLAY_SIZE = 256
-# Method outputs (`out.extras`) holding per-pixel maps worth looking at.
-MAP_EXTRAS = ("masks", "attention_maps")
-MAX_MAPS = 24
 
 
 def font(size: int) -> ImageFont.ImageFont:
@@ -69,29 +67,25 @@ def library_card(name: str, trigger: str | None, size: int = 128) -> Image.Image
     return tile
 
 
-def map_pictures(extras: dict[str, Any], names: list[str]) -> list[tuple[Image.Image, str]]:
-    """Masks and attention maps a method put into its extras, as captioned greyscale pictures.
+def mask_pictures(extras: dict[str, Any], names: list[str]) -> list[tuple[Image.Image, str]]:
+    """The per-pixel masks a method reports in `extras["masks"]`, as captioned greyscale pictures.
 
-    Accepted shapes: a tensor (..., h, w) whose first axis is the LoRA, a list of such, or a dict
-    {name: tensor}; leading axes beyond the first are shown one picture each.
+    Accepted: a tensor (passes, h, w) (or (images, passes, h, w): the first image is shown), or a
+    dict {name: (h, w)}. Passes are named by `extras["pass_adapters"]` when the method gives them.
     """
-    pictures = []
-    for key in MAP_EXTRAS:
-        value = extras.get(key)
-        if value is None:
-            continue
-        items = value.items() if isinstance(value, dict) else (
-            (names[i] if i < len(names) else str(i), item) for i, item in enumerate(value)
-        )
-        for label, item in items:
-            maps = torch.as_tensor(item).detach().float().cpu()
-            if maps.ndim < 2:
-                continue
-            maps = maps.reshape(-1, *maps.shape[-2:])
-            for j, single in enumerate(maps):
-                caption = f"{key}: {label}" + (f" [{j}]" if len(maps) > 1 else "")
-                pictures.append((for_display(_grey(single), 128), caption))
-    return pictures[:MAX_MAPS]
+    masks = extras.get("masks")
+    if masks is None:
+        return []
+    if isinstance(masks, dict):
+        items = list(masks.items())
+    else:
+        masks = torch.as_tensor(masks).detach().float().cpu()
+        masks = masks[0] if masks.ndim == 4 else masks
+        labels = extras.get("pass_adapters") or names
+        if len(labels) != len(masks):
+            labels = [str(index) for index in range(len(masks))]
+        items = [("base" if label in (None, BASE) else label, mask) for label, mask in zip(labels, masks)]
+    return [(for_display(_grey(torch.as_tensor(mask).float()), 128), f"mask: {label}") for label, mask in items]
 
 
 def _grey(values: torch.Tensor) -> Image.Image:
