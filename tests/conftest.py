@@ -37,6 +37,14 @@ def fail_on_ignored_attention_kwargs():
     assert not handler.messages, handler.messages
 
 
+@pytest.fixture(autouse=True, scope="session")
+def quiet_machine(tmp_path_factory):
+    """One torch thread (tiny models gain nothing from more, and parallel runs oversubscribe the cores);
+    profile caches go to a temporary folder, never the user's home."""
+    torch.set_num_threads(1)
+    os.environ["LORACOMPOSE_PROFILE_CACHE"] = str(tmp_path_factory.mktemp("profiles"))
+
+
 @pytest.fixture(scope="session")
 def lora_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("loras")

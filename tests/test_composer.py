@@ -58,15 +58,6 @@ def box_masks(*boxes, grid=GRID):
     return torch.stack([region_mask(box, *grid).flatten() > 0 for box in boxes])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On the shared, oversubscribed 2-core machine two intra-op threads make a forward ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture()
 def loaded(pipe, loras):
     """The pipeline with the cat and dog LoRAs loaded as adapters 'cat'/'dog' and none active."""
