@@ -273,13 +273,14 @@ class ComposeApp:
         follow_form(
             self.generate_button.click(
                 self.generate, self.form_inputs | {self.history},
-                [self.gallery, self.status, self.download, self.seed, self.history], **pipeline,
+                [self.gallery, self.status, self.download, self.seed, self.history],
+                show_progress_on=self.gallery, **pipeline,
             )  # fmt: skip
         )
         follow_form(
             self.compare_button.click(
                 self.compare, self.form_inputs | {self.compare_methods, self.show_maps},
-                [self.compare_gallery, self.map_gallery, self.seed], **pipeline,
+                [self.compare_gallery, self.map_gallery, self.seed], show_progress_on=self.compare_gallery, **pipeline,
             )  # fmt: skip
         )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from pipelines.loading import default_model, load_pipeline
 
 from .library import DEFAULT_UPLOAD_LIMIT, LoraLibrary
@@ -14,6 +16,8 @@ DEFAULT_UPLOAD_DIR = Path("~/.cache/loracompose/uploads")
 def run(args) -> int:
     from .app import build_app  # gradio loads only when the UI is served
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     limit = args.max_upload_mb * 2**20
@@ -32,4 +36,5 @@ def register(subparsers) -> None:
     parser.add_argument("--max-upload-mb", type=int, default=DEFAULT_UPLOAD_LIMIT // 2**20)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a machine busy with other work)")
     parser.set_defaults(run=run)
