@@ -31,6 +31,7 @@ from .errors import ClipModelError, EvalConfigError
 from .memory import PeakMemory
 
 RESULTS = "results.jsonl"
+OTHER_GRIDS = "results.other-grids.jsonl"
 IMAGES = "images"
 CONFIG_FIELDS = {
     "model", "prompts", "lora_sets", "methods", "seeds", "steps", "size", "guidance", "negative_prompt",
@@ -372,8 +373,8 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
 
 
 def result_files(out: Path) -> list[Path]:
-    """results.jsonl first, then the shard files of distributed runs (also of an earlier, killed one)."""
-    return [out / RESULTS, *sorted(out.glob("results.shard-*.jsonl"))]
+    """results.jsonl, rows set aside from other grids, then shard files of distributed (maybe killed) runs."""
+    return [out / RESULTS, out / OTHER_GRIDS, *sorted(out.glob("results.shard-*.jsonl"))]
 
 
 def shard_file(out: Path, index: int, count: int) -> Path:
@@ -381,22 +382,35 @@ def shard_file(out: Path, index: int, count: int) -> Path:
 
 
 def merge_results(out: Path, order: list[str]) -> list[dict[str, Any]]:
-    """One results.jsonl in grid order (rows of earlier grids after), each id once; shards removed."""
+    """results.jsonl: this grid's rows in grid order, each once; shards removed.
+
+    Rows of another grid (say, before `steps` changed) would mix into the report, so they move to
+    results.other-grids.jsonl, and back when that grid is run again: no row is ever lost.
+    """
     rows: dict[str, dict[str, Any]] = {}
     for path in result_files(out):
         for row in read_rows(path):
             rows.setdefault(row["id"], row)
     rank = {job_id: i for i, job_id in enumerate(order)}
-    merged = sorted(rows.values(), key=lambda row: rank.get(row["id"], len(order)))
-    tmp = out / (RESULTS + ".part")
+    current = sorted((row for row in rows.values() if row["id"] in rank), key=lambda row: rank[row["id"]])
+    _write_rows(out / OTHER_GRIDS, [row for row in rows.values() if row["id"] not in rank])
+    _write_rows(out / RESULTS, current)
+    for path in result_files(out)[2:]:
+        path.unlink()
+    return current
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace a results file whole (write, fsync, rename); no rows, no file."""
+    if not rows:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(path.name + ".part")
     with open(tmp, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(row, sort_keys=True) + "\n" for row in merged)
+        handle.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows)
         handle.flush()
         os.fsync(handle.fileno())
-    tmp.replace(out / RESULTS)
-    for path in result_files(out)[1:]:
-        path.unlink()
-    return merged
+    tmp.replace(path)
 
 
 def load_scorer(config: EvalConfig, device) -> CLIPScorer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 import eval.harness as harness
 import pipelines.generate
 from eval.errors import EvalConfigError
-from eval.harness import RESULTS, expand_grid, load_config, parse_config, prepare_grid, read_rows, run_eval
+from eval.harness import OTHER_GRIDS, RESULTS, expand_grid, load_config, parse_config, prepare_grid, read_rows, run_eval
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = ("seconds", "score_seconds", "peak_memory_mb")
@@ -133,6 +134,20 @@ def test_rerun_after_a_kill_mid_grid_gives_every_row_once(reference, tmp_path, m
     assert [r["clip_score"] for r in rows] == pytest.approx([r["clip_score"] for r in expected], abs=1e-4)
     assert read_rows(out / RESULTS) == rows
     assert run_eval(config, out) == rows and len(generated) == 2  # a finished grid generates nothing
+
+
+def test_rows_of_another_grid_are_set_aside_and_come_back(reference, tmp_path, monkeypatch):
+    config, expected = reference
+    out = tmp_path / "out"
+    shutil.copytree(config.parent / "out", out)
+    monkeypatch.setattr(pipelines.generate, "generate", lambda *a: pytest.fail("generated an image"))
+    raw = json.loads(config.read_text())
+    smaller = write_config(tmp_path / "merge_only", dict(raw, methods=["merge"]))
+    rows = run_eval(smaller, out)
+    assert [row["id"] for row in rows] == [row["id"] for row in expected if row["method"] == "merge"]
+    assert [row["method"] for row in read_rows(out / OTHER_GRIDS)] == ["switch-1", "switch-1"]
+    assert run_eval(config, out) == expected
+    assert not (out / OTHER_GRIDS).exists()
 
 
 def free_port() -> int:
