@@ -20,11 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
 
 from compose.errors import ComposeError, UnknownMethodError
 from compose.loading import resolve_loras
 from compose.methods import build_method
 from compose.spec import LoraSpec, ResolvedLora
+from pipelines.generate import generate
+from pipelines.loading import load_pipeline
+from pipelines.recipe import save_png_with_recipe
 
 from .clipscore import CONVENTIONS, CLIPScorer, default_clip
 from .errors import ClipModelError, EvalConfigError
@@ -422,9 +427,6 @@ def load_scorer(config: EvalConfig, device) -> CLIPScorer:
 
 def run_job(pipe, scorer: CLIPScorer, config: EvalConfig, grid: PreparedGrid, job: Job, out: Path) -> dict[str, Any]:
     """Generate, save (with the recipe) and score one image; returns its row."""
-    from pipelines.generate import generate
-    from pipelines.recipe import save_png_with_recipe
-
     job_id = grid.job_id(config, job)
     start = time.perf_counter()
     with PeakMemory(device=pipe.device) as peak:
@@ -467,11 +469,6 @@ def run_eval(config_path: str | Path, out: str | Path | None = None) -> list[dic
 
     Everything is checked (config, LoRA files, methods, prompts, CLIP model) before the first image.
     """
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
-
-    from pipelines.loading import load_pipeline
-
     config = load_config(config_path)
     out = Path(out) if out is not None else default_out(config_path)
     # Without CUDA the processes talk over gloo; accelerate only picks it when told the run is on CPU.

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import eval.harness as harness
-import pipelines.generate
 from eval.errors import EvalConfigError
 from eval.harness import OTHER_GRIDS, RESULTS, expand_grid, load_config, parse_config, prepare_grid, read_rows, run_eval
 
@@ -125,8 +124,8 @@ def test_rerun_after_a_kill_mid_grid_gives_every_row_once(reference, tmp_path, m
         handle.write('{"id": "' + expected[2]["id"][:5])
 
     monkeypatch.setattr(harness, "append_row", write_row)
-    generate, generated = pipelines.generate.generate, []
-    monkeypatch.setattr(pipelines.generate, "generate", lambda *a: generated.append(1) or generate(*a))
+    generate, generated = harness.generate, []
+    monkeypatch.setattr(harness, "generate", lambda *a: generated.append(1) or generate(*a))
     rows = run_eval(config, out)
     assert len(generated) == 2
     assert [row["id"] for row in rows] == [row["id"] for row in expected]
@@ -140,7 +139,7 @@ def test_rows_of_another_grid_are_set_aside_and_come_back(reference, tmp_path, m
     config, expected = reference
     out = tmp_path / "out"
     shutil.copytree(config.parent / "out", out)
-    monkeypatch.setattr(pipelines.generate, "generate", lambda *a: pytest.fail("generated an image"))
+    monkeypatch.setattr(harness, "generate", lambda *a: pytest.fail("generated an image"))
     raw = json.loads(config.read_text())
     smaller = write_config(tmp_path / "merge_only", dict(raw, methods=["merge"]))
     rows = run_eval(smaller, out)
@@ -207,7 +206,7 @@ def test_bad_config_fails_before_generating_naming_the_field(case, loras, tmp_pa
     mutate, field = BAD_CONFIGS[case]
     raw = base_config(loras)
     mutate(raw, tmp_path)
-    monkeypatch.setattr(pipelines.generate, "generate", lambda *a: pytest.fail("generated an image"))
+    monkeypatch.setattr(harness, "generate", lambda *a: pytest.fail("generated an image"))
     with pytest.raises(EvalConfigError) as error:
         run_eval(write_config(tmp_path, raw), tmp_path / "out")
     assert error.value.field == field
