@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+import gradio as gr
 from safetensors.torch import save_file
 
-gr = pytest.importorskip("gradio")
-
-from compose.errors import (  # noqa: E402
+from compose.errors import (
     ComposeError,
     IncompatibleLoraError,
     InvalidOptionError,
@@ -22,16 +21,16 @@ from compose.errors import (  # noqa: E402
     NotSafetensorsError,
     TriggerNotInPromptError,
 )
-from compose.methods import METHODS  # noqa: E402
-from compose.methods.merge import MergeMethod  # noqa: E402
-from pipelines.generate import generate  # noqa: E402
-from pipelines.recipe import read_recipe  # noqa: E402
-from ui import LoraLibrary, build_app  # noqa: E402
-from ui.app import ComposeApp  # noqa: E402
-from ui.form import LoraSettings, arrange, build_recipe, check_triggers, python_code, suggest_prompt  # noqa: E402
-from ui.library import upload_stem  # noqa: E402
-from ui.options import option_fields, options_from_form  # noqa: E402
-from ui.pictures import for_display, mask_pictures, region_preview  # noqa: E402
+from compose.methods import METHODS
+from compose.methods.merge import MergeMethod
+from pipelines.generate import generate
+from pipelines.recipe import read_recipe
+from ui import LoraLibrary, build_app
+from ui.app import ComposeApp
+from ui.form import LoraSettings, arrange, build_recipe, check_triggers, python_code, suggest_prompt
+from ui.library import upload_stem
+from ui.options import option_fields, options_from_form
+from ui.pictures import for_display, mask_pictures, region_preview
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -272,3 +271,17 @@ def test_ui_command_line(tmp_path):
     assert (args.run, args.model, [str(d) for d in args.lora_dir], args.host, args.port) == (
         cli.run, "tiny", ["a", "b"], "127.0.0.1", 7999,
     )  # fmt: skip
+
+
+def test_upload_handler_adds_the_lora_to_the_choices(library, pipe, loras, tmp_path):
+    app = ComposeApp(pipe, library, "tiny", output_dir=tmp_path / "out")
+    browser_copy = tmp_path / "cache" / "my style.safetensors"
+    browser_copy.parent.mkdir()
+    shutil.copy(loras["car"], browser_copy)
+    cards, notes, selection = app.add_upload(str(browser_copy), ["cat"])
+    assert (selection["choices"], selection["value"]) == (["cat", "dog", "my_style"], ["cat"])
+    assert "3 LoRAs" in notes and len(cards) == 3
+    assert library.get("my_style").trigger == "vrn"
+    browser_copy.rename(browser_copy.with_suffix(".bin"))
+    with pytest.raises(gr.Error, match="pickled checkpoint"):
+        app.add_upload(str(browser_copy.with_suffix(".bin")), ["cat"])

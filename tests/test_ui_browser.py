@@ -8,20 +8,22 @@ import threading
 import time
 from pathlib import Path
 
+import gradio as gr
 import pytest
+import uvicorn
+from fastapi import FastAPI
+from playwright import sync_api
+
+from pipelines.tiny import tiny_pipeline
+from test_ui_app import one_thread  # noqa: F401  (module fixture: one torch thread)
+from ui import LoraLibrary, build_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "images" / "ui.png"
 
-if not CHROMIUM.exists():
-    pytest.skip("needs Debian's headless Chromium at /usr/bin/chromium (apt-get install chromium)", allow_module_level=True)
-gr = pytest.importorskip("gradio")
-sync_api = pytest.importorskip("playwright.sync_api")
-import uvicorn  # noqa: E402  (gradio depends on it)
-from fastapi import FastAPI  # noqa: E402
-
-from test_ui_app import one_thread  # noqa: E402,F401  (module fixture)
-from ui import LoraLibrary, build_app  # noqa: E402
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's headless Chromium at /usr/bin/chromium (apt-get install chromium)"
+)
 
 
 def free_port() -> int:
@@ -32,8 +34,6 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(one_thread, loras, tmp_path_factory):
-    from pipelines.tiny import tiny_pipeline
-
     folder = tmp_path_factory.mktemp("ui-library")
     for name in ("cat", "dog"):
         shutil.copy(loras[name], folder / f"{name}.safetensors")

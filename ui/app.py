@@ -124,7 +124,7 @@ class ComposeApp:
     def _build_library(self) -> None:
         with gr.Accordion("LoRA library", open=True):
             self.library_gallery = gr.Gallery(
-                self._library_cards(), label="Click a LoRA to add it", columns=6, height=200, fit_columns=False,
+                self._library_cards(), label="Click a LoRA to add it", columns=6, height="auto", fit_columns=False,
                 object_fit="contain", allow_preview=False, buttons=[], format="png", elem_id="library",
             )  # fmt: skip
             self.library_notes = gr.Markdown(self._library_notes())
@@ -365,7 +365,7 @@ class ComposeApp:
             try:
                 image, _, output, seconds = self._run(recipe, progress, label + ": ")
             except ComposeError as error:
-                cells.append((library_card(recipe["method"], "not run"), f"{recipe['method']}: {error}"))
+                cells.append((library_card("not run"), f"{recipe['method']}: {error}"))
                 continue
             cells.append((for_display(image), f"{recipe['method']} ({seconds:.1f} s)"))
             names = [lora["name"] for lora in recipe["loras"]]
@@ -421,7 +421,7 @@ class ComposeApp:
     def _library_cards(self) -> list[tuple[Image.Image | str, str]]:
         cards = []
         for entry in self.library.entries.values():
-            picture = str(entry.preview) if entry.preview else library_card(entry.name, entry.trigger)
+            picture = str(entry.preview) if entry.preview else library_card(entry.name)
             caption = entry.name + (f" · {entry.trigger}" if entry.trigger else "")
             cards.append((picture, caption))
         return cards

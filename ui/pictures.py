@@ -57,13 +57,10 @@ def region_preview(loras: list[LoraSettings], height: int, width: int, size: int
     return picture
 
 
-def library_card(name: str, trigger: str | None, size: int = 128) -> Image.Image:
-    """Stands in for a LoRA without a preview PNG: its name and trigger on a plain tile."""
+def library_card(name: str, size: int = 128) -> Image.Image:
+    """Stands in for a LoRA without a preview PNG (or a method that could not run): its name on a tile."""
     tile = Image.new("RGB", (size, size), (232, 236, 241))
-    draw = ImageDraw.Draw(tile)
-    draw.text((10, size // 2 - 22), name[:14], fill=(40, 40, 40), font=font(18))
-    if trigger:
-        draw.text((10, size // 2 + 6), f"trigger: {trigger}"[:18], fill=(90, 90, 90), font=font(13))
+    ImageDraw.Draw(tile).text((size // 2, size // 2), name[:12], fill=(60, 60, 60), font=font(20), anchor="mm")
     return tile
 
 
