@@ -86,5 +86,7 @@ class ResolvedLora:
             "trigger": self.trigger,
             "concept": self.concept,
             "region": region,
+            "prompt": self.spec.prompt,
+            "negative_prompt": self.spec.negative_prompt,
             "sha256": self.sha256,
         }

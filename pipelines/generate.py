@@ -26,6 +26,8 @@ def generate(pipe, recipe: dict[str, Any]):
             concept=entry.get("concept"),
             region=entry.get("region"),
             name=entry.get("name"),
+            prompt=entry.get("prompt"),
+            negative_prompt=entry.get("negative_prompt"),
         )
         for entry in recipe.get("loras", [])
     ]
