@@ -48,8 +48,14 @@ def generate(pipe, prompts: list[str], seeds: range) -> list[list[Image.Image]]:
     return rows
 
 
-def image_grid(rows: list[list[Image.Image]], scale: int = 4) -> Image.Image:
-    grid = np.concatenate([np.concatenate([np.asarray(im) for im in row], 1) for row in rows], 0)
+def image_grid(rows: list[list[Image.Image]], per_line: int = 6, scale: int = 4) -> Image.Image:
+    """`per_line` prompts side by side, each with its seeds in a row; nearest upscaling keeps pixels sharp."""
+    lines = [sum(rows[i : i + per_line], []) for i in range(0, len(rows), per_line)]
+    blank = np.full_like(np.asarray(rows[0][0]), 255)
+    width = max(len(line) for line in lines)
+    grid = np.concatenate([
+        np.concatenate([np.asarray(im) for im in line] + [blank] * (width - len(line)), 1) for line in lines
+    ], 0)
     return Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
 
 

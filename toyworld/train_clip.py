@@ -85,6 +85,18 @@ def main() -> None:
             print(f"step {step} loss {loss.item():.3f} {(time.time() - start) / 60:.1f} min", flush=True)
     model.eval().save_pretrained(args.out)
     build_processor(tokenizer).save_pretrained(args.out)
+    print(f"held-out caption retrieval among 200: {retrieval_accuracy(model, tokenizer):.0%}", flush=True)
+
+
+@torch.no_grad()
+def retrieval_accuracy(model: CLIPModel, tokenizer, count: int = 200) -> float:
+    """How often an unseen image scores its own caption highest among `count` captions."""
+    pixels, captions = scenes_to_tensors(clip_scene(s) for s in range(10**6, 10**6 + count))
+    input_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                          return_tensors="pt").input_ids
+    logits = model(input_ids=input_ids, pixel_values=pixels).logits_per_image
+    chosen = [captions[i] for i in logits.argmax(1).tolist()]
+    return sum(a == b for a, b in zip(chosen, captions)) / count
 
 
 if __name__ == "__main__":
