@@ -149,11 +149,14 @@ def test_option_fields_follow_the_dataclass():
     assert [f.name for f in fields.values() if f.advanced] == ["mode", "label", "steps", "hidden"]
     order = list(fields.values())
     assert options_from_form("x", order, [True, 3.0, None, "a", "", "[1, 2]", 0.5]) == {}
-    assert options_from_form("x", order, [False, 4.0, 1.5, "b", "hi", "[3]", 0.5]) == {
+    assert options_from_form("x", order, [True, 3, "", "a", "", "[1, 2]", 0.5]) == {}  # an empty box is None
+    assert options_from_form("x", order, [False, 4.0, "1.5", "b", "hi", "[3]", 0.5]) == {
         "flag": False, "count": 4, "scale": 1.5, "mode": "b", "label": "hi", "steps": [3],
     }  # fmt: skip
     with pytest.raises(InvalidOptionError, match="steps.*not valid JSON"):
         options_from_form("x", order, [True, 3, None, "a", "", "[1,", 0.5])
+    with pytest.raises(InvalidOptionError, match="scale: 'big' is not a number"):
+        options_from_form("x", order, [True, 3, "big", "a", "", "[1, 2]", 0.5])
     with pytest.raises(InvalidOptionError, match="count needs a value"):
         options_from_form("x", order, [True, None, None, "a", "", "[1, 2]", 0.5])
 

@@ -124,7 +124,7 @@ class ComposeApp:
     def _build_library(self) -> None:
         with gr.Accordion("LoRA library", open=True):
             self.library_gallery = gr.Gallery(
-                self._library_cards(), label="Click a LoRA to add it", columns=6, height="auto", fit_columns=False,
+                self._library_cards(), label="Click a LoRA to add it", columns=6, height=180, fit_columns=False,
                 object_fit="contain", allow_preview=False, buttons=[], format="png", elem_id="library",
             )  # fmt: skip
             self.library_notes = gr.Markdown(self._library_notes())
@@ -176,7 +176,7 @@ class ComposeApp:
                     for field in main:
                         inputs[field.name] = _option_widget(name, field)
                 if advanced:
-                    with gr.Accordion(f"Advanced {name} options", open=False):
+                    with gr.Accordion(f"Advanced {name} options", open=False), gr.Row():
                         for field in advanced:
                             inputs[field.name] = _option_widget(name, field)
             self.method_forms[name] = MethodForm(group, fields, [inputs[field.name] for field in fields])
@@ -459,6 +459,8 @@ def _option_widget(method: str, field: OptionField):
     common = dict(label=field.name, info=field.help or None, elem_id=f"option-{method}-{field.name}")
     if field.kind == "bool":
         return gr.Checkbox(field.default, **common)
+    if field.kind in ("int", "float") and field.optional:  # a Number box cannot be empty: None would read as 0
+        return gr.Textbox("" if field.default is None else str(field.default), placeholder="empty: none", **common)
     if field.kind in ("int", "float"):
         return gr.Number(field.default, precision=0 if field.kind == "int" else None, **common)
     if field.kind == "choice":

@@ -91,6 +91,11 @@ def _typed(method: str, field: OptionField, value: Any) -> Any:
                 f"method '{method}' option {field.name}: {value!r} is not valid JSON ({error.msg}); "
                 f"e.g. {json.dumps(field.default)}"
             ) from error
+    if field.kind in ("int", "float") and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError as error:
+            raise InvalidOptionError(f"method '{method}' option {field.name}: {value!r} is not a number") from error
     if field.kind == "int" and isinstance(value, float) and value.is_integer():
         return int(value)
     return value

@@ -82,10 +82,10 @@ def mask_pictures(extras: dict[str, Any], names: list[str]) -> list[tuple[Image.
         if len(labels) != len(masks):
             labels = [str(index) for index in range(len(masks))]
         items = [("base" if label in (None, BASE) else label, mask) for label, mask in zip(labels, masks)]
-    return [(for_display(_grey(torch.as_tensor(mask).float()), 128), f"mask: {label}") for label, mask in items]
+    return [(for_display(_grey(torch.as_tensor(mask).detach().float().cpu()), 128), f"mask: {label}") for label, mask in items]
 
 
-def _grey(values: torch.Tensor) -> Image.Image:
-    low, high = values.min(), values.max()
-    scaled = (values - low) / (high - low) if high > low else torch.zeros_like(values)
-    return Image.fromarray(np.uint8(scaled.numpy() * 255))
+def _grey(mask: torch.Tensor) -> Image.Image:
+    """A mask in [0, 1] as 0..255 grey (not min-max scaled: an all-ones mask is white)."""
+    return Image.fromarray(np.uint8(mask.clamp(0, 1).numpy() * 255))
+
