@@ -458,7 +458,7 @@ class StepReportingPipeline:
 def _option_widget(method: str, field: OptionField):
     common = dict(label=field.name, info=field.help or None, elem_id=f"option-{method}-{field.name}")
     if field.kind == "bool":
-        return gr.Checkbox(field.default, **common)
+        return gr.Checkbox(field.default, min_width=220, **common)
     if field.kind in ("int", "float") and field.optional:  # a Number box cannot be empty: None would read as 0
         return gr.Textbox("" if field.default is None else str(field.default), placeholder="empty: none", **common)
     if field.kind in ("int", "float"):
