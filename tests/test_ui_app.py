@@ -27,7 +27,7 @@ from pipelines.generate import generate
 from pipelines.recipe import read_recipe
 from ui import LoraLibrary, build_app
 from ui.app import ComposeApp
-from ui.form import LoraSettings, arrange, build_recipe, check_triggers, python_code, suggest_prompt
+from ui.form import arrange, build_recipe, check_triggers, python_code, suggest_prompt
 from ui.library import upload_stem
 from ui.options import option_fields, options_from_form
 from ui.pictures import for_display, mask_pictures, region_preview
@@ -257,10 +257,13 @@ def test_compare_labels_each_method_shows_masks_and_reports_a_method_that_cannot
     values = select(app, form_values(app, steps=2, compare_methods=["merge", "clora", "composer"], show_maps=True), ["cat", "dog"])
     clora = app.method_forms["clora"]
     values[clora.inputs[[field.name for field in clora.fields].index("refinement_rounds")]] = 1
+    values[app.method_forms["switch"].inputs[0]] = 0  # a bad option of one method must not stop the others
+    values[app.compare_methods].insert(1, "switch")
     cells, masks, seed = app.compare(values, progress=NoProgress())
     captions = [caption for _, caption in cells]
-    assert captions[0].startswith("merge (") and captions[1].startswith("clora (")
-    assert captions[2].startswith("composer: ") and "region" in captions[2]  # composer needs a box per LoRA
+    assert captions[0].startswith("merge (") and captions[2].startswith("clora (")
+    assert captions[1].startswith("switch: ") and "switch_step" in captions[1]
+    assert captions[3].startswith("composer: ") and "region" in captions[3]  # composer needs a box per LoRA
     assert masks["visible"] and [caption for _, caption in masks["value"]] == [
         "clora mask: base", "clora mask: cat", "clora mask: dog",
     ]  # fmt: skip

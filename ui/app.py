@@ -358,20 +358,19 @@ class ComposeApp:
         if not methods:
             raise gr.Error("choose at least one method to compare", print_exception=False)
         base = self._checked_recipe(values)
-        recipes = [with_method(base, name, self._options(values, name)) for name in methods]
-        cells, maps = [], []
-        for index, recipe in enumerate(recipes):
-            label = f"{index + 1}/{len(recipes)} {recipe['method']}"
-            try:
-                image, _, output, seconds = self._run(recipe, progress, label + ": ")
+        cells, masks = [], []
+        for index, method in enumerate(methods):
+            try:  # a method that cannot run with these inputs gets a captioned cell; the others still run
+                recipe = with_method(base, method, self._options(values, method))
+                image, _, output, seconds = self._run(recipe, progress, f"{index + 1}/{len(methods)} {method}: ")
             except ComposeError as error:
-                cells.append((library_card("not run"), f"{recipe['method']}: {error}"))
+                cells.append((library_card("not run"), f"{method}: {error}"))
                 continue
-            cells.append((for_display(image), f"{recipe['method']} ({seconds:.1f} s)"))
+            cells.append((for_display(image), f"{method} ({seconds:.1f} s)"))
             names = [lora["name"] for lora in recipe["loras"]]
-            maps += [(picture, f"{recipe['method']} {caption}") for picture, caption in mask_pictures(output.extras, names)]
-        show_maps = values[self.show_maps] and bool(maps)
-        return [cells, gr.update(value=maps if show_maps else None, visible=show_maps), base["seed"]]
+            masks += [(picture, f"{method} {caption}") for picture, caption in mask_pictures(output.extras, names)]
+        show_masks = values[self.show_maps] and bool(masks)
+        return [cells, gr.update(value=masks if show_masks else None, visible=show_masks), base["seed"]]
 
     # ----- helpers ----------------------------------------------------------------------------
     def recipe(self, values: dict) -> dict[str, Any]:
