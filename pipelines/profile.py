@@ -4,22 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compose.errors import ComposeError
 from compose.profiling import LoraProfile, ProfileSettings, profile_lora_files
 from compose.spec import LoraSpec
 
-from .stable_diffusion import MultiLoraStableDiffusionPipeline
-
-
-def load_model(model: str) -> MultiLoraStableDiffusionPipeline:
-    """`tiny` (random, built in code) or a local diffusers folder."""
-    if model == "tiny":
-        from .tiny import tiny_pipeline
-
-        return tiny_pipeline()
-    if not Path(model, "model_index.json").is_file():
-        raise ComposeError(f"--model {model} is not a diffusers folder (no model_index.json); pass a folder or 'tiny'")
-    return MultiLoraStableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+from .loading import load_pipeline
 
 
 def plot_profiles(profiles: list[LoraProfile], cutoff: float, path: str | Path) -> None:
@@ -46,7 +34,7 @@ def plot_profiles(profiles: list[LoraProfile], cutoff: float, path: str | Path) 
 
 def run(args) -> int:
     settings = ProfileSettings(steps=args.steps, seed=args.seed, cutoff=args.cutoff, prompt=args.prompt)
-    pipe = load_model(args.model)
+    pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     profiles = profile_lora_files(pipe, [LoraSpec.parse(text) for text in args.lora], settings, args.cache_dir)
     ranked = sorted(profiles, key=lambda p: -p.score)
@@ -61,7 +49,7 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("profile", help="rank LoRAs by the high-frequency content they add (cmlora's order)")
-    parser.add_argument("--model", required=True, help="local diffusers folder, or 'tiny'")
+    parser.add_argument("--model", required=True, help="diffusers folder, hub id, or 'tiny'")
     parser.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]", help="repeat per LoRA")
     parser.add_argument("--steps", type=int, default=8, help="denoising steps of the profiling pre-pass")
     parser.add_argument("--seed", type=int, default=0)
