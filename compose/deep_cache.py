@@ -59,7 +59,8 @@ def shallow_forward(unet, sample, timestep, encoder_hidden_states, deep_feature,
         emb = unet.time_embed_act(emb)
     hidden = unet.conv_in(sample)
     first, last = unet.down_blocks[0], unet.up_blocks[-1]
-    _, skips = first(hidden_states=hidden, temb=emb, **_cross_attention(first, encoder_hidden_states, cross_attention_kwargs))
+    attend_first = _cross_attention(first, encoder_hidden_states, cross_attention_kwargs)
+    _, skips = first(hidden_states=hidden, temb=emb, **attend_first)
     skips = ((hidden,) + tuple(skips))[: len(last.resnets)]
     out = last(
         hidden_states=deep_feature,

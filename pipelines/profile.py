@@ -55,6 +55,8 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cutoff", type=float, default=0.2, help="high band: radii >= this fraction of the maximum")
     parser.add_argument("--prompt", help="profiling prompt (default: 'a picture of <trigger>')")
-    parser.add_argument("--cache-dir", help="profile cache (default: $LORACOMPOSE_PROFILE_CACHE or ~/.cache/loracompose/profiles)")
+    parser.add_argument(
+        "--cache-dir", help="profile cache (default: $LORACOMPOSE_PROFILE_CACHE or ~/.cache/loracompose/profiles)"
+    )
     parser.add_argument("--out", help="save a plot of the spectra (PNG)")
     parser.set_defaults(run=run)

@@ -76,7 +76,10 @@ class CmloraOptions:
             f"cmlora option boundaries must be two increasing fractions, got {self.boundaries!r}",
         )  # fmt: skip
         self.boundaries = tuple(self.boundaries)
-        require(self.weighting in WEIGHTINGS, f"cmlora option weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        require(
+            self.weighting in WEIGHTINGS,
+            f"cmlora option weighting must be one of {WEIGHTINGS}, got {self.weighting!r}",
+        )
         require(
             self.cache in CACHE_MODES,
             f"cmlora option cache must be one of {CACHE_MODES}, got {self.cache!r}",
