@@ -27,7 +27,7 @@ def pictures(count: int, size: int = 64, seed: int = 0) -> list[np.ndarray]:
 
 
 def options(**changes) -> TaraTrainingOptions:
-    return TaraTrainingOptions(**{"rare_token": "sks", "class_word": "dog", "lr": 1e-3, **changes})
+    return TaraTrainingOptions(**{"rare_token": "sks", "class_word": "dog", "lr": 1e-3, "steps": 2, **changes})
 
 
 @pytest.fixture()
@@ -121,9 +121,9 @@ def test_bad_training_input_fails_before_training(pipe, tmp_path):
     with pytest.raises(InvalidOptionError, match="class word 'dog'"):
         train_tara(pipe, [(pictures(1)[0], "a photo of sks")], tmp_path / "a.safetensors", options(), progress=False)
     with pytest.raises(InvalidOptionError, match="multiple of"):
-        train_tara(pipe, data, tmp_path / "a.safetensors", options(resolution=40), progress=False)
+        train_tara(pipe, data, tmp_path / "a.safetensors", options(steps=1, resolution=42), progress=False)
     with pytest.raises(InvalidOptionError, match="no .png/.jpg"):
-        train_tara(pipe, tmp_path, tmp_path / "a.safetensors", options(), progress=False)
+        train_tara(pipe, tmp_path, tmp_path / "a.safetensors", options(steps=1), progress=False)
     with pytest.raises(InvalidOptionError, match="steps"):
         options(steps=0)
     assert not (tmp_path / "a.safetensors").exists()
