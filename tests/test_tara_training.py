@@ -1,4 +1,4 @@
-"""TARA training on the tiny pipeline: masked k/v updates, L_align, saved file, resume, and inference with the result."""
+"""TARA training on the tiny pipeline: masked k/v updates, L_align, the saved file, resume, inference with it."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from safetensors import safe_open
 
 from compose import InvalidOptionError, TriggerNotInPromptError
 from compose.attention.layers import attention_layers
-from compose.attention.token_mask import KeyAlignment, TaraTrainingAttnProcessor, positions_mask
+from compose.attention.token_mask import positions_mask
 from compose.lora_delta import base_projection
 from compose.loading import load_adapters, resolve_loras
 from compose.training import TaraTrainingOptions, train_tara
 from compose.training.cli import register
-from compose.training.tara import ADAPTER, training_adapter
+from compose.training.tara import training_adapter
 from tests.conftest import run
 
 

@@ -72,7 +72,8 @@ class TokenMaskedLoraAttnProcessor(ComposableAttnProcessor):
         for adapter, mask in self.masks.items():
             if mask.ndim == 2 and mask.shape[0] != context.shape[0]:
                 raise ValueError(
-                    f"token mask of adapter '{adapter}' has {mask.shape[0]} rows for a batch of {context.shape[0]} prompts"
+                    f"token mask of adapter '{adapter}' has {mask.shape[0]} rows "
+                    f"for a batch of {context.shape[0]} prompts"
                 )
         self._context = context
         self._key_value = (

@@ -8,7 +8,8 @@ The masked keys/values act on the fixed text only, so they are projected once pe
 Choices: by default the masks apply to the conditional half only and the unconditional half
 gets the base model's keys/values (the reference also masks the unconditional half at the
 prompt's trigger positions: `mask_uncond=True`). A LoRA with a text-encoder part (TARA trains
-none) gets it applied when the prompt is encoded, as `merge` does.
+none) gets it applied when the prompt is encoded, as `merge` does. Fusing keeps one copy of the
+fused layers' weights for the call, so the model is restored bit for bit.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .base import CompositionMethod, require
 @dataclass
 class TaraOptions:
     mask_uncond: bool = False  # also add the masked k/v deltas in the unconditional half (as the reference does)
-    fuse: bool = True  # fuse the unmasked LoRA deltas into the weights for the call (faster); unfused after
+    fuse: bool = True  # fuse the unmasked LoRA deltas into the weights for the call (faster); originals put back
 
     def __post_init__(self):
         for name in ("mask_uncond", "fuse"):
@@ -44,7 +45,9 @@ def trigger_masks(tokenizer, prompt: str, loras, length: int = 77) -> dict[str, 
     }
 
 
-def batch_masks(masks: dict[str, torch.Tensor], num_images: int, cfg: bool, mask_uncond: bool) -> dict[str, torch.Tensor]:
+def batch_masks(
+    masks: dict[str, torch.Tensor], num_images: int, cfg: bool, mask_uncond: bool
+) -> dict[str, torch.Tensor]:
     """Per-row masks for the UNet batch [uncond x num_images, cond x num_images] (cond rows only without CFG)."""
     rows = {}
     for adapter, mask in masks.items():

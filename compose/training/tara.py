@@ -158,7 +158,9 @@ def as_image(image) -> Image.Image:
         return Image.fromarray(image).convert("RGB")
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    raise InvalidOptionError(f"a training image must be a PIL image, a path or a uint8 array, not {type(image).__name__}")
+    raise InvalidOptionError(
+        f"a training image must be a PIL image, a path or a uint8 array, not {type(image).__name__}"
+    )
 
 
 def image_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
@@ -218,7 +220,9 @@ def prepare_batch(pipe, examples, resolution: int, options: TaraTrainingOptions,
 
 
 @contextmanager
-def training_adapter(unet, options: TaraTrainingOptions) -> Iterator[tuple[dict[str, torch.nn.Parameter], KeyAlignment]]:
+def training_adapter(
+    unet, options: TaraTrainingOptions
+) -> Iterator[tuple[dict[str, torch.nn.Parameter], KeyAlignment]]:
     """The UNet with a fresh trainable LoRA and TARA processors; afterwards exactly as before."""
     processors = dict(unet.attn_processors)
     adapter_state = snapshot([unet])
@@ -238,10 +242,8 @@ def training_adapter(unet, options: TaraTrainingOptions) -> Iterator[tuple[dict[
         for p in params.values():
             p.requires_grad_(True)
         alignment = KeyAlignment()
-        install_processors(
-            unet,
-            {layer.name: TaraTrainingAttnProcessor(ADAPTER, alignment) for layer in attention_layers(unet) if layer.cross},
-        )
+        cross = [layer.name for layer in attention_layers(unet) if layer.cross]
+        install_processors(unet, {name: TaraTrainingAttnProcessor(ADAPTER, alignment) for name in cross})
         unet.train()
         yield params, alignment
     finally:
@@ -256,7 +258,9 @@ def training_adapter(unet, options: TaraTrainingOptions) -> Iterator[tuple[dict[
         unet.train(was_training)
 
 
-def run_training(pipe, batch, params, alignment, options, out: Path, resume: bool, progress: bool) -> TaraTrainingResult:
+def run_training(
+    pipe, batch, params, alignment, options, out: Path, resume: bool, progress: bool
+) -> TaraTrainingResult:
     unet = pipe.unet
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     optimizer = torch.optim.AdamW(params.values(), lr=options.lr)
@@ -268,13 +272,15 @@ def run_training(pipe, batch, params, alignment, options, out: Path, resume: boo
     bar = tqdm(range(start, options.steps), initial=start, total=options.steps, desc="train-tara", disable=not progress)
     for step in bar:
         index = torch.randint(count, (options.batch_size,), generator=generator)
-        latents = batch.latent_mean[index] + batch.latent_std[index] * torch.randn(
-            batch.latent_mean[index].shape, generator=generator
-        ).to(batch.latent_mean)
+        mean = batch.latent_mean[index]
+        latents = mean + batch.latent_std[index] * torch.randn(mean.shape, generator=generator).to(mean)
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         timesteps = torch.randint(scheduler.config.num_train_timesteps, (options.batch_size,), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        if scheduler.config.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = scheduler.get_velocity(latents, noise, timesteps)
         alignment.start(batch.rare_mask[index], None if batch.class_mask is None else batch.class_mask[index])
         prediction = unet(noisy, timesteps.to(unet.device), batch.embeds[index]).sample
         mse = F.mse_loss(prediction.float(), target.float())
