@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..adapters import fuse_active, tuner_layers, unfuse
 from ..context import Pass
 from .base import CompositionMethod, require
 
@@ -22,8 +23,8 @@ class MergeMethod(CompositionMethod):
 
     def prepare(self, ctx):
         self._embeds = ctx.encode(ctx.prompt, {l.adapter: l.weight for l in ctx.loras if l.has_text_encoder})
-        if self.options.fuse:
-            ctx.pipe.fuse_lora(components=["unet"], adapter_names=list(ctx.weights))
+        active = [layer for layer in tuner_layers(ctx.unet) if layer.active_adapters]
+        self._fused = fuse_active(active) if self.options.fuse else []
 
     def noise_prediction(self, ctx, latents, t, i):
         negative, embeds = self._embeds
@@ -31,5 +32,4 @@ class MergeMethod(CompositionMethod):
         return ctx.guide(uncond, cond), latents
 
     def release(self, ctx):
-        if self.options.fuse:
-            ctx.pipe.unfuse_lora(components=["unet"])
+        unfuse(self._fused)

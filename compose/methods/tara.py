@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from peft.tuners.lora import LoraLayer
 
+from ..adapters import fuse_active, unfuse
 from ..attention.layers import attention_layers, install_processors
 from ..attention.token_mask import TokenMaskedLoraAttnProcessor, positions_mask
 from ..context import Pass
@@ -91,9 +92,11 @@ class TaraMethod(CompositionMethod):
         self._fused = []
         if self.options.fuse:
             masked = masked_kv_modules(unet)
-            for name, module in unet.named_modules():
-                if isinstance(module, LoraLayer) and name not in masked and module.active_adapters:
-                    self._fused.append(fuse(module))
+            self._fused = fuse_active(
+                module
+                for name, module in unet.named_modules()
+                if isinstance(module, LoraLayer) and name not in masked and module.active_adapters
+            )
 
     def noise_prediction(self, ctx, latents, t, i):
         negative, embeds = self._embeds
@@ -101,24 +104,5 @@ class TaraMethod(CompositionMethod):
         return ctx.guide(uncond, cond), latents
 
     def release(self, ctx):
-        for layer, original in reversed(getattr(self, "_fused", [])):
-            unfuse(layer, original)
+        unfuse(getattr(self, "_fused", []))
         self._fused = []
-
-
-def fuse(layer: LoraLayer) -> tuple[LoraLayer, torch.Tensor]:
-    """Merge the layer's active adapters into a copy of its weight; returns what `unfuse` needs.
-
-    The original weight tensor is kept and put back, because subtracting the delta again leaves
-    rounding errors that change later images visibly.
-    """
-    weight = layer.get_base_layer().weight
-    original = weight.data
-    weight.data = original.clone()
-    layer.merge(adapter_names=list(layer.active_adapters))
-    return layer, original
-
-
-def unfuse(layer: LoraLayer, original: torch.Tensor) -> None:
-    layer.unmerge()
-    layer.get_base_layer().weight.data = original
