@@ -12,7 +12,7 @@ from PIL import Image
 from compose import LoraSpec
 from compose.adapters import activate, tuner_layers
 from compose.attention.base import ComposableAttnProcessor, merge_heads, split_heads
-from compose.attention.layers import attention_layers, install_processors, layer_grid
+from compose.attention.layers import attention_layers, install_processors
 from compose.attention.regions import (
     ForwardTruncated,
     MapRecorder,

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import eval.harness as harness
 from eval.errors import EvalConfigError
@@ -19,15 +18,6 @@ from eval.harness import OTHER_GRIDS, RESULTS, expand_grid, load_config, parse_c
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = ("seconds", "score_seconds", "peak_memory_mb")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a shared, loaded 2-core machine torch's second thread only spins; tiny models run faster on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def base_config(loras) -> dict:

@@ -33,15 +33,6 @@ from ui.options import option_fields, options_from_form
 from ui.pictures import for_display, mask_pictures, region_preview
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a busy 2-core machine two OpenMP threads make the tiny UNet ~40x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture()
 def library_dir(tmp_path, loras):
     folder = tmp_path / "library"

@@ -15,7 +15,6 @@ from fastapi import FastAPI
 from playwright import sync_api
 
 from pipelines.tiny import tiny_pipeline
-from test_ui_app import one_thread  # noqa: F401  (module fixture: one torch thread)
 from ui import LoraLibrary, build_app
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -33,7 +32,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(one_thread, loras, tmp_path_factory):
+def server(loras, tmp_path_factory):
     folder = tmp_path_factory.mktemp("ui-library")
     for name in ("cat", "dog"):
         shutil.copy(loras[name], folder / f"{name}.safetensors")
