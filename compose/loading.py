@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import struct
+import warnings
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -293,8 +296,35 @@ def load_adapters(pipe, loras: list[ResolvedLora]) -> None:
                     "give the LoRA another name with LoraSpec(name=...)"
                 )
             pipe.delete_adapters(lora.adapter)
-        pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=lora.adapter)
+        with _expected_load_notices_silenced():
+            pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=lora.adapter)
         loaded[lora.adapter] = lora.sha256
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(fragment in record.getMessage() for fragment in self.fragments)
+
+
+@contextmanager
+def _expected_load_notices_silenced():
+    """Loading a UNet-only LoRA, or a second adapter, makes diffusers and peft print notices that
+    are expected here (no text-encoder keys; several adapters; other adapters' keys "missing")."""
+    drop = _DropNotice("No LoRA keys associated to", "led to missing keys in the model")
+    loggers = [logging.getLogger(name) for name in ("diffusers.loaders.lora_base", "diffusers.utils.peft_utils")]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        for logger in loggers:
+            logger.addFilter(drop)
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeFilter(drop)
 
 
 def _adapter_names(pipe) -> list[str]:
