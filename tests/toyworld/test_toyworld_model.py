@@ -7,9 +7,9 @@ from toyworld import default_model_path
 from toyworld.judge import judge
 from toyworld.measure import GENERATION, single_shape_prompts
 
-# Measured: the exported model gets the colour right in 97% (step 1000) of single-shape images
-# (toyworld/model/RECIPE.md); the margin keeps the test stable across torch versions.
-MIN_COLOUR_RATE = 0.8
+# Measured: the shipped model (step 4500) gets colour and shape right in 100% of 72 single-shape
+# images (toyworld/model/RECIPE.md); the margin keeps the test stable across torch versions.
+MIN_COLOUR_RATE = 0.9
 
 pytestmark = pytest.mark.skipif(
     not (default_model_path() / "model_index.json").exists(), reason="toy model not exported yet"
