@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .world import ALL_COLOURS, CONCEPTS, NIGHT_BACKGROUND, SIZE, form_mask
+from .world import ALL_COLOURS, CONCEPTS, NIGHT_BACKGROUND, SIZE, box_of, form_mask
 
-FORMS = ("circle", "square", "triangle", "ring", "plus")
+TEMPLATE_FORMS = ("circle", "square", "triangle", "ring", "plus")  # a two-tone triangle is a triangle
 MIN_PIXELS = 12  # smaller specks are noise, not objects (the smallest drawn object has ~50 px)
 BACKGROUND_DISTANCE = 60  # RGB distance from the background that counts as foreground
 HUE_TOLERANCE = 40.0  # degrees a concept's colour may drift and still count
@@ -77,11 +77,6 @@ def nearest_colour(pixels: np.ndarray) -> np.ndarray:
     return np.array(names)[distances.argmin(1)]
 
 
-def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
-    ys, xs = np.nonzero(mask)
-    return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-
-
 def best_form(mask: np.ndarray, box) -> tuple[str, float]:
     """The form whose template, drawn to fill the same box, overlaps the region best.
 
@@ -90,12 +85,12 @@ def best_form(mask: np.ndarray, box) -> tuple[str, float]:
     """
     x0, y0, x1, y1 = box
     size = max(x1 - x0, y1 - y0)
-    fits = {form: 0.0 for form in FORMS}
+    fits = {form: 0.0 for form in TEMPLATE_FORMS}
     for grow in (0, 1):
         for shift_x in (0, -0.5, 0.5) if grow else (0,):
             for shift_y in (0, -0.5, 0.5) if grow else (0,):
                 center = ((x0 + x1) / 2 + shift_x, (y0 + y1) / 2 + shift_y)
-                for form in FORMS:
+                for form in TEMPLATE_FORMS:
                     template = form_mask(form, center, size + grow)
                     fits[form] = max(fits[form], (template & mask).sum() / (template | mask).sum())
     form = max(fits, key=fits.get)

@@ -1,6 +1,6 @@
 """Train a toy CLIP for scoring toy-world images against prompts (a stand-in for CLIPScore).
 
-    python -m toyworld.train_clip --out toyworld/clip --steps 1500
+    python -m toyworld.train_clip --out toyworld/clip
 
 Trained contrastively on base scenes, concept scenes and mixed scenes, so it knows the concept
 triggers too. Saved as a transformers folder with a CLIPProcessor (same tokenizer as the base model).
@@ -54,9 +54,9 @@ def contrastive_loss(model: CLIPModel, pixels: torch.Tensor, input_ids: torch.Te
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(default_clip_path()))
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--images", type=int, default=30000)
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--images", type=int, default=20000)
+    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
