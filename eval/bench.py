@@ -37,7 +37,8 @@ class BenchRow:
     ratio: float
     unet_calls: float
     unet_passes: float
-    peak_mb: float
+    peak_mb: float  # peak resident memory of the process during the image
+    memory_ratio: float = float("nan")
     error: str | None = None
 
 
@@ -76,7 +77,7 @@ def run_benchmark(pipe, methods, counts, steps=10, repeats=3, size=None, options
                     output_type="np",
                 )  # fmt: skip
                 seconds = time.perf_counter() - start
-            return seconds, out.unet_calls, out.unet_passes, peak.rss_bytes / 2**20
+            return seconds, out.unet_calls, out.unet_passes, peak.peak_rss_bytes / 2**20
 
         errors, samples = {}, {config: [] for config in configs}
         for config in configs:  # warm-up: loads adapters, fills caches
@@ -100,18 +101,23 @@ def run_benchmark(pipe, methods, counts, steps=10, repeats=3, size=None, options
         calls, passes = samples[config][0][1:3]
         peak = max(s[3] for s in samples[config])
         rows.append(BenchRow(*config, seconds, seconds / single, calls, passes, peak))
+    for row in rows:
+        row.memory_ratio = row.peak_mb / rows[0].peak_mb
     return rows
 
 
 def format_table(rows: list[BenchRow]) -> str:
-    lines = [f"{'method':<10} {'N':>2} {'s/image':>9} {'x single':>9} {'UNet calls':>10} {'passes':>7} {'peak MB':>8}"]
+    lines = [
+        f"{'method':<10} {'N':>2} {'s/image':>9} {'x single':>9} {'UNet calls':>10} {'passes':>7} "
+        f"{'peak MB':>8} {'mem x':>6}"
+    ]
     for r in rows:
         if r.error:
             lines.append(f"{r.method:<10} {r.num_loras:>2}  error: {r.error}")
         else:
             lines.append(
                 f"{r.method:<10} {r.num_loras:>2} {r.seconds:>9.3f} {r.ratio:>9.2f} {r.unet_calls:>10.0f} "
-                f"{r.unet_passes:>7.0f} {r.peak_mb:>8.1f}"
+                f"{r.unet_passes:>7.0f} {r.peak_mb:>8.1f} {r.memory_ratio:>6.2f}"
             )
     return "\n".join(lines)
 

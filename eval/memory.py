@@ -70,6 +70,11 @@ class PeakMemory:
             self.cuda_bytes = torch.cuda.max_memory_allocated(self.device) - self._cuda_start
 
     @property
+    def peak_rss_bytes(self) -> int:
+        """Highest RSS of the whole process during the block (comparable between warm runs)."""
+        return self._peak
+
+    @property
     def peak_bytes(self) -> int:
         """The figure that matters on this device: CUDA allocations on a GPU, RSS otherwise."""
         return self.cuda_bytes if self._cuda else self.rss_bytes
