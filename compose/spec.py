@@ -39,6 +39,12 @@ class LoraSpec:
         self.region = as_region(self.region)
 
     @classmethod
+    def from_dict(cls, entry: dict[str, Any]) -> "LoraSpec":
+        """From a recipe or config entry; the file is under "source" (recipes) or "file" (eval configs)."""
+        fields = ("weight", "trigger", "concept", "region", "name", "prompt", "negative_prompt")
+        return cls(entry["source"] if "source" in entry else entry["file"], **{k: entry[k] for k in fields if k in entry})
+
+    @classmethod
     def parse(cls, text: str) -> "LoraSpec":
         """Parse the command-line form ``FILE[:WEIGHT]``."""
         source, sep, weight = text.rpartition(":")

@@ -250,22 +250,10 @@ def _lora_entry(entry, where: str, base: Path) -> dict[str, Any]:
         )
     entry = {**entry, "file": str(source.resolve())}
     try:
-        lora_spec(entry)
+        LoraSpec.from_dict(entry)
     except ComposeError as error:
         raise EvalConfigError(where, str(error)) from error
     return entry
-
-
-def lora_spec(entry: dict[str, Any]) -> LoraSpec:
-    return LoraSpec(
-        entry["file"],
-        weight=entry.get("weight", 1.0),
-        trigger=entry.get("trigger"),
-        concept=entry.get("concept"),
-        region=entry.get("region"),
-        name=entry.get("name"),
-        prompt=entry.get("prompt"),
-    )
 
 
 def expand_grid(config: EvalConfig) -> list[Job]:
@@ -319,7 +307,7 @@ def prepare_grid(pipe, config: EvalConfig) -> PreparedGrid:
     loras = {}
     for set_name, entries in config.lora_sets.items():
         try:
-            loras[set_name] = resolve_loras(pipe, [lora_spec(entry) for entry in entries])
+            loras[set_name] = resolve_loras(pipe, [LoraSpec.from_dict(entry) for entry in entries])
         except ComposeError as error:
             raise EvalConfigError(f"lora_sets.{set_name}", str(error)) from error
     jobs = expand_grid(config)

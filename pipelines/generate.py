@@ -17,19 +17,7 @@ from .recipe import read_recipe, save_png_with_recipe
 
 def generate(pipe, recipe: dict[str, Any]):
     """Run one recipe; returns (image, full recipe with LoRA hashes and resolved options)."""
-    loras = [
-        LoraSpec(
-            entry["source"],
-            weight=entry.get("weight", 1.0),
-            trigger=entry.get("trigger"),
-            concept=entry.get("concept"),
-            region=entry.get("region"),
-            name=entry.get("name"),
-            prompt=entry.get("prompt"),
-            negative_prompt=entry.get("negative_prompt"),
-        )
-        for entry in recipe.get("loras", [])
-    ]
+    loras = [LoraSpec.from_dict(entry) for entry in recipe.get("loras", [])]
     output = pipe(
         recipe["prompt"],
         negative_prompt=recipe.get("negative_prompt") or None,
