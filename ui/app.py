@@ -243,16 +243,25 @@ class ComposeApp:
         the form, not every programmatic `.change`, which would re-run them dozens of times.
         """
         light = dict(concurrency_limit=None, show_progress="hidden")
+        # views of the whole form run one at a time in arrival order, so a late answer to an
+        # earlier edit never overwrites the view of a later one
+        code_view = dict(
+            concurrency_id="code-view", concurrency_limit=1, trigger_mode="always_last", show_progress="hidden"
+        )
+        region_view = {**code_view, "concurrency_id": "region-view"}
         region_inputs = {self.slot_names, self.width, self.height, *[w for slot in self.slots for w in slot.inputs]}
         region_edits = [self.width, self.height, *[w for slot in self.slots for w in (slot.use_region, *slot.box)]]
         user_edits = [w for w in self.form_inputs if not isinstance(w, gr.State)]
 
         def follow_form(event) -> None:
-            event.then(self.show_code, self.form_inputs, self.code, **light)
-            event.then(self.draw_regions, region_inputs, self.region_picture, **light)
+            event.then(self.show_code, self.form_inputs, self.code, **code_view)
+            event.then(self.draw_regions, region_inputs, self.region_picture, **region_view)
 
-        gr.on([w.input for w in user_edits] + [blocks.load], self.show_code, self.form_inputs, self.code, **light)
-        gr.on([w.input for w in region_edits] + [blocks.load], self.draw_regions, region_inputs, self.region_picture, **light)
+        gr.on([w.input for w in user_edits] + [blocks.load], self.show_code, self.form_inputs, self.code, **code_view)
+        gr.on(
+            [w.input for w in region_edits] + [blocks.load], self.draw_regions, region_inputs, self.region_picture,
+            **region_view,
+        )
         slot_outputs = [w for slot in self.slots for w in (slot.group, slot.title, *slot.inputs)]
         follow_form(
             self.selection.change(
