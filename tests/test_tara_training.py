@@ -89,6 +89,19 @@ def test_kv_updates_on_other_tokens_are_exactly_zero(pipe):
         assert grad is not None and grad.abs().sum() > 0
 
 
+def test_plain_training_updates_kv_at_every_token_without_alignment(pipe, tmp_path):
+    with training_adapter(pipe.unet, options(token_mask=False)) as (params, alignment):
+        name = next(layer.name for layer in attention_layers(pipe.unet) if layer.cross)
+        assert not hasattr(pipe.unet.attn_processors[name], "project_kv")  # diffusers' own processor
+    out = tmp_path / "plain.safetensors"
+    result = train_tara(pipe, [(p, "a photo of sks") for p in pictures(2)], out, options(token_mask=False, steps=3), progress=False)
+    assert result.align == [0.0, 0.0, 0.0]  # no class word needed: no alignment loss
+    with safe_open(str(out), "pt") as handle:
+        assert handle.metadata()["loracompose.method"] == "any"
+    base = run(pipe, "a photo of a dog").images
+    assert abs(run(pipe, "a photo of a dog", loras=[out], method="merge").images - base).max() > 0
+
+
 def test_training_leaves_the_pipeline_as_it_was(pipe, tmp_path):
     weights = {name: value.clone() for name, value in pipe.unet.state_dict().items()}
     processors = {name: type(p) for name, p in pipe.unet.attn_processors.items()}

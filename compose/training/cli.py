@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    parser.add_argument(
+        "--plain", action="store_true", help="train a plain LoRA (no token mask, no L_align) for the other methods"
+    )
     parser.set_defaults(run=run)
 
 
@@ -51,6 +54,7 @@ def run(args) -> int:
         seed=args.seed,
         prompt=args.prompt,
         checkpoint_every=args.checkpoint_every,
+        token_mask=not args.plain,
     )
     pipe = load_pipeline(args.model)
     result = train_tara(pipe, args.images, args.out, options, resume=args.resume)

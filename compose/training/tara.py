@@ -5,6 +5,7 @@ Loss = MSE(eps_hat, eps) + lambda * L_align. The token mask is applied during tr
 computed inside the attention processors (compose.attention.token_mask). The output holds the
 LoRA weights only, with rank/alpha and the rare token and class word in its metadata, so `tara`
 inference needs no extra flags. Checkpoints are safetensors plus a small JSON state (no pickles).
+With `token_mask=False` the same trainer makes a plain DreamBooth LoRA, the input every other method expects.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class TaraTrainingOptions:
     seed: int = 0
     prompt: str | None = None  # caption of folder images; default "a photo of <rare> <class>"
     checkpoint_every: int = 100  # steps between resumable checkpoints; 0 writes one at the end only
+    token_mask: bool = True  # False trains a plain LoRA (k/v updated at every token, no L_align) for other methods
 
     def __post_init__(self):
         for name in ("rare_token", "class_word"):
@@ -75,10 +77,16 @@ class TaraTrainingOptions:
                 f"TARA training option {name} must be a finite number >= 0, got {value!r}",
             )
         require(self.lr > 0 and self.alpha > 0, "TARA training options lr and alpha must be > 0")
+        require(isinstance(self.token_mask, bool), f"TARA training option token_mask must be True or False, got {self.token_mask!r}")
         require(
             self.resolution is None or (isinstance(self.resolution, int) and self.resolution > 0),
             f"TARA training option resolution must be a positive whole number of pixels, got {self.resolution!r}",
         )
+
+    @property
+    def aligns(self) -> bool:
+        """The key-alignment loss exists only for the token-masked (TARA) update."""
+        return self.token_mask and self.lambda_align > 0
 
     @property
     def caption(self) -> str:
@@ -205,7 +213,7 @@ def prepare_batch(pipe, examples, resolution: int, options: TaraTrainingOptions,
         rare.append(positions_mask(require_word(pipe.tokenizer, caption, options.rare_token, lora_name), length))
         positions = token_positions(pipe.tokenizer, caption, options.class_word)
         require(
-            bool(positions) or options.lambda_align == 0,
+            bool(positions) or not options.aligns,
             f"caption '{caption}' lacks the class word '{options.class_word}' that the key-alignment loss needs; "
             "add it to the caption or set lambda_align to 0",
         )
@@ -215,7 +223,7 @@ def prepare_batch(pipe, examples, resolution: int, options: TaraTrainingOptions,
         latent_std=torch.cat(stds) * factor,
         embeds=torch.cat([embeds[caption] for _, caption in examples]),
         rare_mask=torch.stack(rare).to(device),
-        class_mask=torch.stack(concept).to(device) if options.lambda_align > 0 else None,
+        class_mask=torch.stack(concept).to(device) if options.aligns else None,
     )
 
 
@@ -242,8 +250,9 @@ def training_adapter(
         for p in params.values():
             p.requires_grad_(True)
         alignment = KeyAlignment()
-        cross = [layer.name for layer in attention_layers(unet) if layer.cross]
-        install_processors(unet, {name: TaraTrainingAttnProcessor(ADAPTER, alignment) for name in cross})
+        if options.token_mask:
+            cross = [layer.name for layer in attention_layers(unet) if layer.cross]
+            install_processors(unet, {name: TaraTrainingAttnProcessor(ADAPTER, alignment) for name in cross})
         unet.train()
         yield params, alignment
     finally:
@@ -311,6 +320,8 @@ def save_trained_lora(unet, out: Path, options: TaraTrainingOptions) -> Path:
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A
     }
     extra = {"loracompose.method": "tara", "loracompose.tara.lambda_align": str(options.lambda_align)}
+    if not options.token_mask:
+        extra = {"loracompose.method": "any"}
     return save_lora(
         out, layers, options.rank, options.alpha,
         trigger=options.rare_token, concept=options.class_word, extra_metadata=extra,
@@ -318,7 +329,7 @@ def save_trained_lora(unet, out: Path, options: TaraTrainingOptions) -> Path:
 
 
 # What must match for a checkpoint to be resumed: anything that changes the model or the data stream.
-_RESUME_KEYS = ("rare_token", "class_word", "rank", "alpha", "batch_size", "resolution", "seed", "prompt")
+_RESUME_KEYS = ("rare_token", "class_word", "rank", "alpha", "batch_size", "resolution", "seed", "prompt", "token_mask")
 
 
 def save_checkpoint(folder: Path, params, optimizer, generator, options, step: int) -> None:
