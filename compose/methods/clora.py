@@ -204,8 +204,7 @@ class CloraMethod(CompositionMethod):
         self.store.truncate = True
         try:
             with per_sample_adapters(ctx.unet, names):
-                context = torch.cat(embeds)
-                ctx.unet(model_input, t, encoder_hidden_states=context, cross_attention_kwargs=ctx.cross_attention_kwargs)
+                ctx.forward(model_input, t, embeds)
         except ForwardTruncated:
             pass
         finally:
