@@ -1,6 +1,7 @@
 """`loracompose eval CONFIG`: generate a grid of images with several methods, score them, log one row each.
 
-The grid is prompt x LoRA set x method x seed. Every row is appended to a JSON-lines file right
+The grid is prompt x LoRA set x method x seed; a LoRA set may bring its own prompts and a method may
+run on some sets only (the toy-world preset pairs TARA-trained files with the `tara` method). Every row is appended to a JSON-lines file right
 after its image is written, so a killed run rerun with the same command skips the finished rows.
 Under `accelerate launch --num_processes K` each process takes a contiguous slice of the pending
 rows and writes its own shard file; the main process merges them in grid order at the end.
@@ -9,6 +10,7 @@ rows and writes its own shard file; the main process merges them in grid order a
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -40,29 +42,40 @@ OTHER_GRIDS = "results.other-grids.jsonl"
 IMAGES = "images"
 CONFIG_FIELDS = {
     "model", "prompts", "lora_sets", "methods", "seeds", "steps", "size", "guidance", "negative_prompt",
-    "clip", "clip_pretrained", "clip_convention",
+    "clip", "clip_pretrained", "clip_convention", "judge",
 }  # fmt: skip
-REQUIRED_FIELDS = ("prompts", "lora_sets", "methods", "seeds")
+REQUIRED_FIELDS = ("lora_sets", "methods", "seeds")
 LORA_FIELDS = {"file", "weight", "trigger", "concept", "region", "prompt", "name"}
-METHOD_FIELDS = {"name", "options", "label"}
+SET_FIELDS = {"loras", "prompts"}
+METHOD_FIELDS = {"name", "options", "label", "lora_sets"}
+# Ground-truth judges: name -> module with composition_scores(image, loras) -> row fields
+# and check_composition(loras, height, width), which raises ValueError for what it cannot judge.
+JUDGES = {"toyworld": "toyworld.judge"}
+# Configs shipped with the project, run by name: `loracompose eval toyworld`.
+PRESETS = {"toyworld": Path(__file__).resolve().parent.parent / "toyworld" / "eval.toml"}
 
 
 @dataclass(frozen=True)
 class MethodEntry:
-    """A method with its options; `label` tells two option sets of one method apart in the results."""
+    """A method with its options; `label` tells two option sets of one method apart in the results.
+
+    lora_sets: the sets it runs on (None: all of them).
+    """
 
     label: str
     name: str
     options: dict[str, Any] = field(default_factory=dict)
+    lora_sets: tuple[str, ...] | None = None
 
 
 @dataclass
 class EvalConfig:
     model: str
-    prompts: list[str]
+    prompts: list[str]  # for every LoRA set without prompts of its own
     lora_sets: dict[str, list[dict[str, Any]]]
     methods: list[MethodEntry]
     seeds: list[int]
+    set_prompts: dict[str, list[str]] = field(default_factory=dict)
     steps: int = 20
     height: int = 512
     width: int = 512
@@ -71,6 +84,10 @@ class EvalConfig:
     clip: str | None = None
     clip_pretrained: str | None = None
     clip_convention: str = "torchmetrics"
+    judge: str | None = None
+
+    def prompts_for(self, lora_set: str) -> list[str]:
+        return self.set_prompts.get(lora_set, self.prompts)
 
 
 @dataclass(frozen=True)
@@ -83,11 +100,19 @@ class Job:
     seed: int
 
 
-def load_config(path: str | Path) -> EvalConfig:
-    """Read a .toml/.yaml/.json config and check every field; relative paths are taken from its folder."""
-    path = Path(path)
+def config_path(name: str | Path) -> Path:
+    """A config file, or the file of a preset named like `toyworld`."""
+    path = Path(name)
+    if not path.exists() and str(name) in PRESETS:
+        return PRESETS[str(name)]
     if not path.is_file():
-        raise EvalConfigError("CONFIG", f"config file {path} does not exist")
+        raise EvalConfigError("CONFIG", f"config file {path} does not exist; give a file or a preset ({sorted(PRESETS)})")
+    return path
+
+
+def load_config(path: str | Path) -> EvalConfig:
+    """Read a .toml/.yaml/.json config (or a preset) and check every field; relative paths are taken from its folder."""
+    path = config_path(path)
     text = path.read_text()
     try:
         if path.suffix == ".toml":
@@ -135,12 +160,21 @@ def parse_config(raw: dict[str, Any], base: Path) -> EvalConfig:
     if pretrained is not None:
         pretrained = _text(pretrained, "clip_pretrained")
         pretrained = str((base / pretrained).resolve()) if (base / pretrained).is_file() else pretrained
+    lora_sets, set_prompts = _lora_sets(raw["lora_sets"], base)
+    if "prompts" not in raw and len(set_prompts) < len(lora_sets):
+        missing = sorted(set(lora_sets) - set(set_prompts))
+        raise EvalConfigError("prompts", f"missing; it is required unless every LoRA set has its own (not {missing})")
+    judge = raw.get("judge")
+    if judge is not None and judge not in JUDGES:
+        raise EvalConfigError("judge", f"{judge!r} is not one of {sorted(JUDGES)}")
     return EvalConfig(
         model=model,
-        prompts=_prompts(raw["prompts"]),
-        lora_sets=_lora_sets(raw["lora_sets"], base),
-        methods=_methods(raw["methods"]),
+        prompts=_prompts(raw["prompts"], "prompts") if "prompts" in raw else [],
+        lora_sets=lora_sets,
+        methods=_methods(raw["methods"], set(lora_sets)),
         seeds=_seeds(raw["seeds"]),
+        set_prompts=set_prompts,
+        judge=judge,
         steps=_whole(raw.get("steps", 20), "steps", minimum=1),
         height=height,
         width=width,
@@ -180,13 +214,16 @@ def _size(value) -> tuple[int, int]:
     return pair[0], pair[1]
 
 
-def _prompts(value) -> list[str]:
+def _prompts(value, where: str) -> list[str]:
     if not isinstance(value, list) or not value:
-        raise EvalConfigError("prompts", f"must be a non-empty list of strings, got {value!r}")
-    return [_text(prompt, f"prompts[{i}]") for i, prompt in enumerate(value)]
+        raise EvalConfigError(where, f"must be a non-empty list of strings, got {value!r}")
+    return [_text(prompt, f"{where}[{i}]") for i, prompt in enumerate(value)]
 
 
 def _seeds(value) -> list[int]:
+    """A list of seeds, or a count N meaning seeds 0..N-1."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return list(range(value))
     if not isinstance(value, list) or not value:
         raise EvalConfigError("seeds", f"must be a non-empty list of whole numbers, got {value!r}")
     for i, seed in enumerate(value):
@@ -197,7 +234,7 @@ def _seeds(value) -> list[int]:
     return list(value)
 
 
-def _methods(value) -> list[MethodEntry]:
+def _methods(value, set_names: set[str]) -> list[MethodEntry]:
     if not isinstance(value, list) or not value:
         raise EvalConfigError("methods", "must be a non-empty list of method names or {name, options, label} tables")
     methods = []
@@ -218,23 +255,47 @@ def _methods(value) -> list[MethodEntry]:
         except ComposeError as error:
             part = "name" if isinstance(error, UnknownMethodError) else "options"
             raise EvalConfigError(f"{where}.{part}", str(error)) from error
-        methods.append(MethodEntry(_text(entry.get("label", name), f"{where}.label"), name, options))
-    labels = [method.label for method in methods]
-    if len(set(labels)) != len(labels):
-        raise EvalConfigError("methods", f"two entries share a label ({labels}); give each a distinct `label`")
+        runs_on = entry.get("lora_sets")
+        if runs_on is not None:
+            if not isinstance(runs_on, list) or not runs_on or not set(runs_on) <= set_names:
+                raise EvalConfigError(
+                    f"{where}.lora_sets", f"must be a non-empty list of LoRA set names from {sorted(set_names)}, got {runs_on!r}"
+                )
+            runs_on = tuple(runs_on)
+        methods.append(MethodEntry(_text(entry.get("label", name), f"{where}.label"), name, options, runs_on))
+    for i, method in enumerate(methods):
+        for other in methods[:i]:
+            if other.label == method.label and not _disjoint(other.lora_sets, method.lora_sets):
+                raise EvalConfigError(
+                    f"methods[{i}].label",
+                    f"'{method.label}' is taken by an entry that runs on the same LoRA sets; give each a distinct "
+                    "`label`, or give both `lora_sets` without common names (one method, set-specific options)",
+                )
     return methods
 
 
-def _lora_sets(value, base: Path) -> dict[str, list[dict[str, Any]]]:
+def _disjoint(first: tuple[str, ...] | None, second: tuple[str, ...] | None) -> bool:
+    return first is not None and second is not None and not set(first) & set(second)
+
+
+def _lora_sets(value, base: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]]]:
+    """The sets' LoRA entries, and the prompts of sets that bring their own ({loras = [...], prompts = [...]})."""
     if not isinstance(value, dict) or not value:
         raise EvalConfigError("lora_sets", "must be a table of named lists of LoRA entries")
-    sets = {}
+    sets, prompts = {}, {}
     for set_name, entries in value.items():
         where = f"lora_sets.{set_name}"
+        if isinstance(entries, dict):
+            unknown = sorted(set(entries) - SET_FIELDS)
+            if unknown:
+                raise EvalConfigError(f"{where}.{unknown[0]}", f"unknown field; valid fields are {sorted(SET_FIELDS)}")
+            if "prompts" in entries:
+                prompts[set_name] = _prompts(entries["prompts"], f"{where}.prompts")
+            where, entries = f"{where}.loras", entries.get("loras")
         if not isinstance(entries, list) or not entries:
             raise EvalConfigError(where, "must be a non-empty list of LoRA entries {file, weight, trigger, ...}")
         sets[set_name] = [_lora_entry(entry, f"{where}[{i}]", base) for i, entry in enumerate(entries)]
-    return sets
+    return sets, prompts
 
 
 def _lora_entry(entry, where: str, base: Path) -> dict[str, Any]:
@@ -258,11 +319,13 @@ def _lora_entry(entry, where: str, base: Path) -> dict[str, Any]:
 
 def expand_grid(config: EvalConfig) -> list[Job]:
     """Every (prompt, LoRA set, method, seed), in the order rows are reported."""
+    shared = [(prompt, name) for prompt in config.prompts for name in config.lora_sets if name not in config.set_prompts]
+    own = [(prompt, name) for name, prompts in config.set_prompts.items() for prompt in prompts]
     return [
         Job(prompt, set_name, method, seed)
-        for prompt in config.prompts
-        for set_name in config.lora_sets
+        for prompt, set_name in shared + own
         for method in config.methods
+        if method.lora_sets is None or set_name in method.lora_sets
         for seed in config.seeds
     ]
 
@@ -310,6 +373,11 @@ def prepare_grid(pipe, config: EvalConfig) -> PreparedGrid:
             loras[set_name] = resolve_loras(pipe, [LoraSpec.from_dict(entry) for entry in entries])
         except ComposeError as error:
             raise EvalConfigError(f"lora_sets.{set_name}", str(error)) from error
+        if config.judge:
+            try:
+                importlib.import_module(JUDGES[config.judge]).check_composition(loras[set_name], config.height, config.width)
+            except ValueError as error:
+                raise EvalConfigError(f"lora_sets.{set_name}", f"judge '{config.judge}': {error}") from error
     jobs = expand_grid(config)
     checked = set()
     for job in jobs:
@@ -320,7 +388,9 @@ def prepare_grid(pipe, config: EvalConfig) -> PreparedGrid:
         try:
             build_method(job.method.name, job.method.options).check(pipe, job.prompt, loras[job.lora_set])
         except ComposeError as error:
-            where = f"prompts[{config.prompts.index(job.prompt)}]"
+            own = config.set_prompts.get(job.lora_set)
+            where = f"lora_sets.{job.lora_set}.prompts" if own else "prompts"
+            where += f"[{config.prompts_for(job.lora_set).index(job.prompt)}]"
             combination = f"with LoRA set '{job.lora_set}' and method '{job.method.label}'"
             raise EvalConfigError(where, f"{combination}: {error}") from error
     return PreparedGrid(jobs, loras)
@@ -425,6 +495,7 @@ def run_job(pipe, scorer: CLIPScorer, config: EvalConfig, grid: PreparedGrid, jo
     start = time.perf_counter()
     scores = scorer.score_composition(image, job.prompt, grid.loras[job.lora_set])
     loras = grid.loras[job.lora_set]
+    judged = judge_scores(config.judge, image, loras) if config.judge else {}
     return {
         "id": job_id,
         "prompt": job.prompt,
@@ -445,6 +516,7 @@ def run_job(pipe, scorer: CLIPScorer, config: EvalConfig, grid: PreparedGrid, jo
         "clip_model": scorer.name,
         "clip_convention": scorer.convention,
         **scores,
+        **judged,
         "seconds": seconds,
         "score_seconds": time.perf_counter() - start,
         "peak_memory_mb": peak.peak_bytes / 2**20,
@@ -452,12 +524,22 @@ def run_job(pipe, scorer: CLIPScorer, config: EvalConfig, grid: PreparedGrid, jo
     }  # fmt: skip
 
 
-def run_eval(config_path: str | Path, out: str | Path | None = None) -> list[dict[str, Any]]:
+def judge_scores(name: str, image, loras: list[ResolvedLora]) -> dict[str, Any]:
+    """Row fields from a ground-truth judge (which concepts are drawn, and where)."""
+    return importlib.import_module(JUDGES[name]).composition_scores(image, loras)
+
+
+def run_eval(
+    config_path: str | Path, out: str | Path | None = None, seeds: int | None = None
+) -> list[dict[str, Any]]:
     """Run (or resume) the grid of a config; returns the merged rows on the main process, [] elsewhere.
 
+    seeds: run seeds 0..seeds-1 instead of the config's (a quick look at a large preset).
     Everything is checked (config, LoRA files, methods, prompts, CLIP model) before the first image.
     """
     config = load_config(config_path)
+    if seeds is not None:
+        config.seeds = _seeds(seeds)
     out = Path(out) if out is not None else default_out(config_path)
     # Without CUDA the processes talk over gloo; accelerate only picks it when told the run is on CPU.
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -491,7 +573,7 @@ def default_out(config_path: str | Path) -> Path:
 
 
 def run(args) -> int:
-    rows = run_eval(args.config, args.out)
+    rows = run_eval(args.config, args.out, args.seeds)
     if rows:
         out = args.out or default_out(args.config)
         print(f"{len(rows)} rows in {out / RESULTS}; summarise them with `loracompose report {out}`")
@@ -506,6 +588,7 @@ def register(subparsers) -> None:
         "`accelerate launch --multi_gpu --num_processes K -m pipelines.cli eval CONFIG` (also on CPU-only machines: "
         "accelerate's --cpu flag starts a single process unless MPI is set up).",
     )
-    parser.add_argument("config", type=Path, help="grid config (.toml, .yaml or .json)")
+    parser.add_argument("config", help=f"grid config (.toml, .yaml or .json) or a preset: {', '.join(PRESETS)}")
     parser.add_argument("--out", type=Path, help="results folder (default: eval-results/<config name>)")
+    parser.add_argument("--seeds", type=int, help="run seeds 0..N-1 instead of the config's")
     parser.set_defaults(run=run)

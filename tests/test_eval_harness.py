@@ -188,6 +188,17 @@ BAD_CONFIGS = {
     "bad region": (lambda c, t: c["lora_sets"]["cat"][0].update(region=[0, 0, 0, 0]), "lora_sets.cat[0]"),
     "file is not a LoRA": (lambda c, t: c["lora_sets"]["cat"][0].update(file=not_a_lora(t)), "lora_sets.cat"),
     "bad size": (lambda c, t: c.update(size=30), "size"),
+    "method on an unknown set": (lambda c, t: c["methods"].append({"name": "tara", "lora_sets": ["dogs"]}),
+                                 "methods[2].lora_sets"),
+    "shared label on shared sets": (lambda c, t: c["methods"].append({"name": "merge", "lora_sets": ["cat"]}),
+                                    "methods[2].label"),
+    "set without prompts": (lambda c, t: c.pop("prompts"), "prompts"),
+    "unknown set field": (lambda c, t: c["lora_sets"].update(dog={"loras": [], "prompt": "x"}), "lora_sets.dog.prompt"),
+    "unknown judge": (lambda c, t: c.update(judge="eyes"), "judge"),
+    "judge cannot read the size": (lambda c, t: c.update(judge="toyworld", size=64), "lora_sets.cat"),
+    "judge does not know the concept": (
+        lambda c, t: (c.update(judge="toyworld"), c["lora_sets"]["cat"][0].update(trigger="bob")), "lora_sets.cat"
+    ),
 }  # fmt: skip
 
 
@@ -202,6 +213,40 @@ def test_bad_config_fails_before_generating_naming_the_field(case, loras, tmp_pa
     assert error.value.field == field
     assert f"'{field}'" in str(error.value)
     assert not (tmp_path / "out" / "images").exists() or not any((tmp_path / "out" / "images").iterdir())
+
+
+def test_sets_with_own_prompts_and_methods_limited_to_sets(loras, tmp_path):
+    raw = base_config(loras)
+    cat, dog = raw["lora_sets"]["cat_dog"]
+    raw["lora_sets"]["dog"] = {"prompts": ["a zwx dog", "a zwx dog on the right"], "loras": [dog]}
+    raw["seeds"] = 2  # seeds 0 and 1
+    raw["methods"] = [
+        {"name": "merge", "lora_sets": ["cat", "cat_dog"]},
+        {"name": "merge", "lora_sets": ["dog"], "options": {"fuse": True}},  # one label, set-specific options
+        {"name": "switch", "lora_sets": ["dog"]},
+    ]
+    config = load_config(write_config(tmp_path, raw))
+    cells = [(job.prompt, job.lora_set, job.method.label, job.seed) for job in expand_grid(config)]
+    shared, own = "a sks cat and a zwx dog", ["a zwx dog", "a zwx dog on the right"]
+    assert cells == (
+        [(shared, name, "merge", seed) for name in ("cat", "cat_dog") for seed in (0, 1)]
+        + [(prompt, "dog", label, seed) for prompt in own for label in ("merge", "switch") for seed in (0, 1)]
+    )
+    options = {(job.lora_set, job.method.label): job.method.options for job in expand_grid(config)}
+    assert options[("dog", "merge")] == {"fuse": True} and options[("cat", "merge")] == {}
+
+
+def test_judged_rows_say_which_concepts_are_drawn_and_where(tmp_path):
+    """The toy-world preset's judge on two seeds of one method: rows carry presence and placement."""
+    rows = run_eval("toyworld", tmp_path / "out", seeds=1)
+    by_method = {row["method"]: row for row in rows if row["lora_set"] == "pair"}
+    assert set(by_method) == {"merge", "switch", "composite", "cmlora", "clora", "composer"}
+    row = by_method["merge"]
+    assert set(row["judge_present"]) == {"sks", "zwx"} and set(row["judge_in_region"]) == {"sks", "zwx"}
+    assert row["all_present"] == all(row["judge_present"].values())
+    assert row["all_in_region"] == all(row["judge_in_region"].values())
+    assert {row["method"] for row in rows if row["lora_set"].endswith("_tara")} == {"tara"}
+    assert {row["num_loras"] for row in rows} == {2, 3}
 
 
 def test_toml_yaml_and_json_configs_read_alike(loras, tmp_path):

@@ -59,13 +59,13 @@ def test_report_writes_summaries_plots_grids_and_a_page_showing_every_image(resu
     assert (results / "plots" / "box_by_method.png").is_file()
     assert (results / "plots" / "score_vs_num_loras.png").is_file()
     grids = sorted((results / "grids").iterdir())
-    assert len(grids) == 4  # (LoRA set, seed) pairs, each strip showing the 3 methods
-    assert Image.open(grids[0]).width == 3 * 160
+    assert len(grids) == 2  # one per (prompt, LoRA set): a row per method, a column per seed
+    assert Image.open(grids[0]).size == (110 + 2 * 102, 18 + 3 * 118)
 
     text = page.read_text()
     sources = set(re.findall(r"src='([^']+)'", text))
     assert {row["image"] for row in rows} <= sources
     assert all((results / src).is_file() for src in sources if not src.startswith("data:"))
-    assert sum(src.startswith("data:image/png;base64,") for src in sources) == 2 + 4  # plots and grids embedded
+    assert sum(src.startswith("data:image/png;base64,") for src in sources) == 2 + 2  # plots and grids embedded
     assert "weak proxy" in text and "Multi-LoRA Composition" in text and CAVEAT[:40] in text
     assert "region score" in text

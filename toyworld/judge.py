@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .world import ALL_COLOURS, CONCEPTS, NIGHT_BACKGROUND, SIZE, box_of, form_mask
+from .world import ALL_COLOURS, CONCEPTS, NIGHT_BACKGROUND, SIZE, STYLE_TRIGGERS, box_of, form_mask
 
 TEMPLATE_FORMS = ("circle", "square", "triangle", "ring", "plus")  # a two-tone triangle is a triangle
 MIN_PIXELS = 12  # smaller specks are noise, not objects (the smallest drawn object has ~50 px)
@@ -171,3 +171,42 @@ def judge(image) -> Reading:
     detections = [d for i, n in zip(ids, sizes) if n >= MIN_PIXELS for d in detect_region(image, labels == i)]
     night = np.linalg.norm(background - NIGHT_BACKGROUND) < np.linalg.norm(background - 235)
     return Reading(tuple(detections), bool(night))
+
+
+def _centre_inside(box, region) -> bool:
+    """Whether a detection's box centre lies in a LoRA region (a compose Box or mask)."""
+    from compose.regions import region_mask
+
+    x, y = int((box[0] + box[2]) // 2), int((box[1] + box[3]) // 2)
+    return bool(region_mask(region, SIZE, SIZE)[min(y, SIZE - 1), min(x, SIZE - 1)] > 0)
+
+
+def check_composition(loras, height: int, width: int) -> None:
+    """Before an evaluation: toy-world sized images, and every LoRA calls a concept the judge knows."""
+    if (height, width) != (SIZE, SIZE):
+        raise ValueError(f"images must be {SIZE}x{SIZE} px, not {height}x{width}; set size = {SIZE}")
+    for lora in loras:
+        if lora.trigger not in CONCEPTS:
+            raise ValueError(
+                f"LoRA '{lora.adapter}' has trigger {lora.trigger!r}; the toy-world judge knows {sorted(CONCEPTS)}"
+            )
+
+
+def composition_scores(image, loras) -> dict:
+    """Evaluation row fields: which LoRAs' concepts the image shows, and whether each sits in its region.
+
+    `all_in_region` is None when no LoRA has a region.
+    """
+    reading = judge(image)
+    present = {lora.trigger: reading.has_concept(lora.trigger) for lora in loras}
+    placed = {
+        lora.trigger: any(d.concept == lora.trigger and _centre_inside(d.box, lora.region) for d in reading.detections)
+        for lora in loras
+        if lora.region is not None and lora.trigger not in STYLE_TRIGGERS
+    }
+    return {
+        "judge_present": present,
+        "all_present": all(present.values()),
+        "judge_in_region": placed,
+        "all_in_region": all(placed.values()) if placed else None,
+    }
