@@ -1,4 +1,9 @@
-"""What a method sees of the denoising call: prompts, LoRAs, guidance, and the shared UNet helpers."""
+"""What a method sees of the denoising call: prompts, LoRAs, guidance, and the shared UNet helpers.
+
+SD 1.x/2.x and SDXL look the same to a method: `encode` returns (negative, positive) hidden states
+either way, and `forward`/`predict` add SDXL's pooled text embeddings and time ids for exactly the
+prompts whose hidden states they are given.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,16 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 
 from .adapters import BASE, activate, per_sample_adapters
 from .spec import ResolvedLora
+
+
+def text_encoders(pipe) -> list:
+    """The pipeline's text encoders: one for SD 1.x/2.x, two for SDXL."""
+    return [model for model in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if model]
+
+
+def uses_text_time(unet) -> bool:
+    """SDXL-style UNets condition on the pooled text embedding and the size/crop time ids too."""
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
 @dataclass(frozen=True)
@@ -25,7 +40,7 @@ class Pass:
 class DenoiseContext:
     pipe: Any
     prompt: str
-    negative_prompt: str
+    negative_prompt: str | None  # None: the pipeline's own default (SD: "", SDXL: zeros when configured so)
     loras: list[ResolvedLora]
     guidance_scale: float
     guidance_rescale: float
@@ -35,11 +50,14 @@ class DenoiseContext:
     clip_skip: int | None
     cross_attention_kwargs: dict | None
     generator: Any = None
+    size_conditions: dict[str, Any] = field(default_factory=dict)  # SDXL: original_size, target_size, ... (pixels)
     timesteps: torch.Tensor | None = None
     unet_calls: int = 0
     unet_passes: int = 0
     outputs: dict[str, Any] = field(default_factory=dict)
     _embeds: dict = field(default_factory=dict)
+    _pooled: dict = field(default_factory=dict)  # id(hidden states) -> (pooled embeds, negative?) on SDXL
+    _time_ids: tuple | None = None
 
     @property
     def unet(self):
@@ -64,15 +82,29 @@ class DenoiseContext:
         negative_prompt = self.negative_prompt if negative_prompt is None else negative_prompt
         key = (prompt, negative_prompt, tuple(sorted(adapters.items())))
         if key not in self._embeds:
-            activate(self.pipe.text_encoder, adapters)
-            embeds, negative = self.pipe.encode_prompt(
-                prompt,
-                self.pipe._execution_device,
-                self.num_images,
-                True,
-                negative_prompt,
-                clip_skip=self.clip_skip,
-            )
+            for encoder in text_encoders(self.pipe):
+                activate(encoder, adapters)
+            if uses_text_time(self.unet):
+                embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
+                    prompt=prompt,
+                    device=self.pipe._execution_device,
+                    num_images_per_prompt=self.num_images,
+                    do_classifier_free_guidance=True,
+                    negative_prompt=negative_prompt,
+                    clip_skip=self.clip_skip,
+                )
+                # the cache below keeps both tensors alive, so their ids stay theirs for the whole call
+                self._pooled[id(negative)] = (negative_pooled, True)
+                self._pooled[id(embeds)] = (pooled, False)
+            else:
+                embeds, negative = self.pipe.encode_prompt(
+                    prompt,
+                    self.pipe._execution_device,
+                    self.num_images,
+                    True,
+                    negative_prompt,
+                    clip_skip=self.clip_skip,
+                )
             self._embeds[key] = (negative, embeds)
         return self._embeds[key]
 
@@ -96,13 +128,7 @@ class DenoiseContext:
         names = [p.adapter for p in passes]
         self.unet_calls += 1
         self.unet_passes += len(passes)
-        forward = lambda: self.unet(  # noqa: E731
-            model_input,
-            t,
-            encoder_hidden_states=torch.cat(embeds),
-            cross_attention_kwargs=self.cross_attention_kwargs,
-            return_dict=False,
-        )[0]
+        forward = lambda: self.forward(model_input, t, embeds)  # noqa: E731
         if all(name is None for name in names):
             eps = forward()
         else:
@@ -116,6 +142,52 @@ class DenoiseContext:
         if self.do_cfg:
             return [(chunks[2 * k], chunks[2 * k + 1]) for k in range(len(passes))]
         return [(chunk, chunk) for chunk in chunks]
+
+    def forward(self, sample: torch.Tensor, t, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The UNet on `sample` with these encoded prompts stacked along the batch (and their added conditions)."""
+        return self.unet(
+            sample,
+            t,
+            encoder_hidden_states=torch.cat(list(hidden_states)),
+            cross_attention_kwargs=self.cross_attention_kwargs,
+            added_cond_kwargs=self.added_conditions(hidden_states),
+            return_dict=False,
+        )[0]
+
+    def added_conditions(self, hidden_states: Sequence[torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """SDXL's `added_cond_kwargs` for a batch made of these prompts' hidden states (None on SD 1.x/2.x).
+
+        Each prompt brings its own pooled embedding; negative prompts get the negative time ids.
+        """
+        if not uses_text_time(self.unet):
+            return None
+        negative_ids, positive_ids = self.time_ids()
+        pooled, time_ids = [], []
+        for states in hidden_states:
+            if id(states) not in self._pooled:
+                raise ValueError("on SDXL every prompt must be encoded with DenoiseContext.encode (it keeps the pooled embeds)")
+            embeds, negative = self._pooled[id(states)]
+            pooled.append(embeds)
+            time_ids.append((negative_ids if negative else positive_ids).repeat(states.shape[0], 1))
+        return {"text_embeds": torch.cat(pooled), "time_ids": torch.cat(time_ids)}
+
+    def time_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(negative, positive) SDXL time ids: original size, crop corner, target size (defaults: the image size)."""
+        if self._time_ids is None:
+            conditions, size = self.size_conditions, (self.height, self.width)
+            encoder = self.pipe.text_encoder_2
+            ids = lambda original, crop, target: self.pipe._get_add_time_ids(  # noqa: E731
+                tuple(original or size), tuple(crop or (0, 0)), tuple(target or size),
+                dtype=encoder.dtype, text_encoder_projection_dim=encoder.config.projection_dim,
+            ).to(self.pipe._execution_device)  # fmt: skip
+            positive = ids(conditions.get("original_size"), conditions.get("crops_coords_top_left"),
+                           conditions.get("target_size"))  # fmt: skip
+            negative = positive
+            if conditions.get("negative_original_size") and conditions.get("negative_target_size"):
+                negative = ids(conditions["negative_original_size"], conditions.get("negative_crops_coords_top_left"),
+                               conditions["negative_target_size"])  # fmt: skip
+            self._time_ids = (negative, positive)
+        return self._time_ids
 
     def guide(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance (and guidance rescale), as StableDiffusionPipeline does it."""

@@ -29,6 +29,7 @@ from .errors import (
     NotSafetensorsError,
 )
 from .spec import LoraSpec, ResolvedLora
+from .unet_names import original_to_diffusers_key
 
 TRIGGER_KEY = "loracompose.trigger"
 CONCEPT_KEY = "loracompose.concept"
@@ -193,16 +194,24 @@ def model_layer_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def check_compatible(info: LoraFileInfo, pipe) -> None:
-    """Every LoRA layer must exist in the pipeline with the same shape, or the LoRA is for another model."""
+    """Every LoRA layer must exist in the pipeline with the same shape, or the LoRA is for another model.
+
+    kohya SDXL files name UNet layers in the original layout (`input_blocks_4_1_...`); they are
+    compared under their diffusers names, derived from this UNet's config (`diffusers_key`).
+    """
+    mismatch = family_mismatch(info, pipe)
+    hint = f"This looks like {mismatch}" if mismatch else "It was probably made for another base model"
     for component in sorted(info.components):
         model = getattr(pipe, component, None)
         if model is None:
             raise IncompatibleLoraError(
-                f"{info.path} has weights for '{component}', which this pipeline does not have; "
-                "it was made for another model family (e.g. SDXL) — use a LoRA made for this base model"
+                f"{info.path} has weights for '{component}', which this pipeline does not have. {hint}; "
+                "use a LoRA made for this base model"
             )
         shapes = model_layer_shapes(model)
-        wanted = {key: shape for (comp, key), shape in info.layers.items() if comp == component}
+        wanted = {
+            diffusers_key(component, key, pipe): shape for (comp, key), shape in info.layers.items() if comp == component
+        }
         missing = sorted(key for key in wanted if key not in shapes)
         wrong = sorted(
             key for key, s in wanted.items() if key in shapes and shapes[key] != (s.in_features, s.out_features)
@@ -215,10 +224,64 @@ def check_compatible(info: LoraFileInfo, pipe) -> None:
                 else f"{len(wrong)} {component} layers have other shapes (e.g. {example}: LoRA "
                 f"{wanted[example].in_features}->{wanted[example].out_features}, model {shapes[example][0]}->{shapes[example][1]})"
             )
+            example_hint = "" if mismatch else " (e.g. an SDXL LoRA on SD 1.5)"
             raise IncompatibleLoraError(
-                f"{info.path} does not fit this model: {detail}. It was probably made for another base model "
-                "(e.g. an SDXL LoRA on SD 1.5); use a LoRA trained for this one"
+                f"{info.path} does not fit this model: {detail}. {hint}{example_hint}; use a LoRA trained for this one"
             )
+
+
+def diffusers_key(component: str, key: str, pipe) -> str:
+    """A LoRA layer key under the model's own (diffusers) name.
+
+    Original-layout UNet keys are kohya's SDXL convention (its SD 1.x files use diffusers names), so
+    they are translated for SDXL UNets only; elsewhere they are reported as missing layers.
+    """
+    if component != "unet" or model_family(pipe) != "SDXL":
+        return key
+    return original_to_diffusers_key(key, pipe.unet.config) or key
+
+
+def model_family(pipe) -> str:
+    """SDXL for two text encoders, else SD 2.x or SD 1.x by the text width."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return "SDXL"
+    return "SD 2.x" if pipe.unet.config.cross_attention_dim == 1024 else "SD 1.x"
+
+
+def lora_family(info: LoraFileInfo, pipe) -> str | None:
+    """The model family a LoRA file was made for, when its layers tell (None when they do not).
+
+    SDXL: a second text encoder, stacked transformer blocks (SD 1.x/2.x have one per attention
+    block) or 2048-wide text. SD 1.x/2.x: text as wide as CLIP-L/OpenCLIP-H alone, or on an SDXL
+    pipeline as wide as its first text encoder alone.
+    """
+    if "text_encoder_2" in info.components or any(
+        re.search(r"transformer_blocks_[1-9]", key) for comp, key in info.layers if comp == "unet"
+    ):
+        return "SDXL"
+    widths = {
+        shape.in_features for (comp, key), shape in info.layers.items() if comp == "unet" and _CROSS_KV.search(key)
+    }
+    if 2048 in widths:
+        return "SDXL"
+    first_encoder = getattr(getattr(pipe, "text_encoder", None), "config", None)
+    one_encoder = {768, 1024}
+    if getattr(pipe, "text_encoder_2", None) is not None and first_encoder is not None:
+        one_encoder.add(first_encoder.hidden_size)
+    if widths & one_encoder:
+        return "SD 2.x" if 1024 in widths else "SD 1.x"
+    return None
+
+
+def family_mismatch(info: LoraFileInfo, pipe) -> str | None:
+    """"an SDXL LoRA on an SD 1.x model" when the file's family is known and differs from the pipeline's."""
+    made_for, model = lora_family(info, pipe), model_family(pipe)
+    if made_for is None or made_for == model:
+        return None
+    return f"an {made_for} LoRA on an {model} model"
+
+
+_CROSS_KV = re.compile(r"attn2_to_[kv]$")
 
 
 def trigger_from_metadata(metadata: dict[str, str]) -> str | None:
@@ -312,10 +375,11 @@ class _DropNotice(logging.Filter):
 
 @contextmanager
 def _expected_load_notices_silenced():
-    """Loading a UNet-only LoRA, or a second adapter, makes diffusers and peft print notices that
-    are expected here (no text-encoder keys; several adapters; other adapters' keys "missing")."""
-    drop = _DropNotice("No LoRA keys associated to", "led to missing keys in the model")
-    loggers = [logging.getLogger(name) for name in ("diffusers.loaders.lora_base", "diffusers.utils.peft_utils")]
+    """Loading a UNet-only LoRA, or a second adapter, makes diffusers, peft and transformers print notices
+    that are expected here (no text-encoder keys; several adapters; other adapters' keys "missing")."""
+    drop = _DropNotice("No LoRA keys associated to", "led to missing keys in the model", "LOAD REPORT")
+    names = ("diffusers.loaders.lora_base", "diffusers.utils.peft_utils", "transformers.integrations.peft")
+    loggers = [logging.getLogger(name) for name in names]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         for logger in loggers:

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from .loading import CONCEPT_KEY, TRIGGER_KEY
 
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}  # SDXL: lora_te1_
 
 
 def save_lora(
@@ -43,7 +43,8 @@ def save_lora(
             tensors[f"{component}.{module}.lora_B.weight"] = up
         else:
             name = module if component == "unet" else "text_model." + module.removeprefix("text_model.")
-            stem = KOHYA_PREFIXES[component] + name.replace(".", "_")
+            prefix = "lora_te1_" if component == "text_encoder" and "text_encoder_2" in components else None
+            stem = (prefix or KOHYA_PREFIXES[component]) + name.replace(".", "_")
             tensors[f"{stem}.lora_down.weight"] = down
             tensors[f"{stem}.lora_up.weight"] = up
             tensors[f"{stem}.alpha"] = torch.tensor(float(alpha))

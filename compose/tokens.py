@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import re
 
-from .errors import TriggerNotInPromptError
+from .errors import ComposeError, TriggerNotInPromptError
+
+
+class TokenizerMismatchError(ComposeError):
+    """A pipeline's tokenizers split a prompt differently, so one set of token positions cannot serve both."""
 
 
 def word_spans(prompt: str, word: str) -> list[tuple[int, int]]:
@@ -49,3 +53,26 @@ def require_word(tokenizer, prompt: str, word: str, lora_name: str) -> list[int]
             f"'{prompt}' does not contain it (within the first {tokenizer.model_max_length} tokens); add it"
         )
     return positions
+
+
+def _spelled_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` up to the length limit, without padding (SDXL's tokenizers pad differently)."""
+    return tokenizer(text, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
+
+
+def check_tokenizers_agree(tokenizers, texts) -> None:
+    """SDXL concatenates its two text encoders' hidden states token by token: a word's positions found with
+    the first tokenizer hold for the second only if both split every prompt alike. Raise if they do not."""
+    first, *others = tokenizers
+    for other in others:
+        if other.model_max_length != first.model_max_length or other.get_vocab() != first.get_vocab():
+            raise TokenizerMismatchError(
+                "the pipeline's tokenizers have different vocabularies or lengths, so trigger-word positions "
+                "would differ between its text encoders; use the model's original tokenizer and tokenizer_2"
+            )
+        for text in texts:
+            if _spelled_ids(other, text) != _spelled_ids(first, text):
+                raise TokenizerMismatchError(
+                    f"the pipeline's tokenizers split '{text}' differently, so trigger-word positions would differ "
+                    "between its text encoders; use the model's original tokenizer and tokenizer_2"
+                )

@@ -1,7 +1,8 @@
-"""A tiny random Stable Diffusion pipeline and random LoRAs for it, built in code.
+"""Tiny random Stable Diffusion and SDXL pipelines and random LoRAs for them, built in code.
 
-Used by tests, benchmarks and `--model tiny`: it runs offline in a fraction of a second and has
-the real architecture (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer).
+Used by tests, benchmarks, `--model tiny` and `--model tiny-sdxl`: they run offline in a fraction
+of a second and have the real architectures (UNet2DConditionModel, AutoencoderKL, CLIP text
+encoders, CLIPTokenizer; SDXL: two encoders, pooled embeddings and time ids).
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from compose.saving import save_lora
+from compose.unet_names import diffusers_to_original
 
 from .stable_diffusion import MultiLoraStableDiffusionPipeline
+from .stable_diffusion_xl import MultiLoraStableDiffusionXLPipeline
 
 # Whole-word tokens; any other word is spelled in byte-level pieces (several tokens).
 TINY_WORDS = (
@@ -31,8 +34,11 @@ def byte_symbols() -> list[str]:
     return [chr(b) if b in keep else chr(next(shifted)) for b in range(256)]
 
 
-def tiny_tokenizer(words=TINY_WORDS) -> CLIPTokenizer:
-    """A CLIP byte-level BPE tokenizer whose vocabulary holds `words` whole and every byte."""
+def tiny_tokenizer(words=TINY_WORDS, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """A CLIP byte-level BPE tokenizer whose vocabulary holds `words` whole and every byte.
+
+    SDXL's second tokenizer is the same one padding with "!" instead of the end token.
+    """
     chars = byte_symbols()
     vocab: dict[str, int] = {}
     for token in chars + [c + "</w>" for c in chars]:
@@ -47,7 +53,7 @@ def tiny_tokenizer(words=TINY_WORDS) -> CLIPTokenizer:
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     merges = list(dict.fromkeys(merges))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="<|endoftext|>")
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad_token)
 
 
 def tiny_pipeline(seed: int = 0) -> MultiLoraStableDiffusionPipeline:
@@ -65,28 +71,8 @@ def tiny_pipeline(seed: int = 0) -> MultiLoraStableDiffusionPipeline:
         cross_attention_dim=32,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=32,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=77,
-        )
-    )
+    vae = tiny_vae()
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
     scheduler = DPMSolverMultistepScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
     )
@@ -102,6 +88,79 @@ def tiny_pipeline(seed: int = 0) -> MultiLoraStableDiffusionPipeline:
     )
 
 
+def tiny_vae() -> AutoencoderKL:
+    """Two levels: 64 px images, 32x32 latents."""
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+    )
+
+
+def tiny_text_config(tokenizer, **overrides) -> CLIPTextConfig:
+    """A two-layer CLIP text encoder of width 32."""
+    settings = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+    )
+    return CLIPTextConfig(**(settings | overrides))
+
+
+def tiny_sdxl_pipeline(seed: int = 0) -> MultiLoraStableDiffusionXLPipeline:
+    """SDXL's architecture in miniature: 64 px images, cross-attention width 64 from two width-32 encoders,
+    two transformer layers per attention block at the coarse level, "text_time" added conditions."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    tokenizer_2 = tiny_tokenizer(pad_token="!")
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids of width 8, pooled text of width 32
+        cross_attention_dim=64,
+        norm_num_groups=32,
+    )
+    vae = tiny_vae()
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        tiny_text_config(tokenizer_2, projection_dim=32)
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    return MultiLoraStableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -112,6 +171,8 @@ def random_lora_layers(pipe, seed: int, rank: int = 4, text_encoder: bool = Fals
     components = [("unet", pipe.unet, UNET_TARGETS)]
     if text_encoder:
         components.append(("text_encoder", pipe.text_encoder, TEXT_TARGETS))
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            components.append(("text_encoder_2", pipe.text_encoder_2, TEXT_TARGETS))
     layers = {}
     for component, model, targets in components:
         for name, module in model.named_modules():
@@ -134,6 +195,15 @@ def write_random_lora(
     trigger: str | None = None,
     concept: str | None = None,
 ) -> Path:
-    """A random LoRA file for `pipe` in either layout (same weights for the same seed)."""
+    """A random LoRA file for `pipe` in either layout (same weights for the same seed).
+
+    SDXL kohya files name UNet layers in the original layout (`input_blocks_4_1_...`), as real ones do.
+    """
     layers = random_lora_layers(pipe, seed, rank, text_encoder)
+    if fmt == "kohya" and getattr(pipe, "text_encoder_2", None) is not None:
+        config = pipe.unet.config
+        layers = {
+            (component, diffusers_to_original(name, config) if component == "unet" else name): pair
+            for (component, name), pair in layers.items()
+        }
     return save_lora(path, layers, rank, alpha, fmt=fmt, trigger=trigger, concept=concept)

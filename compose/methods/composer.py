@@ -229,13 +229,7 @@ class ComposerMethod(CompositionMethod):
         self.state.recorder = recorder
         ctx.unet_calls += 1
         try:
-            ctx.unet(
-                ctx.pipe.scheduler.scale_model_input(latents, t),
-                t,
-                encoder_hidden_states=self._global[1],
-                cross_attention_kwargs=ctx.cross_attention_kwargs,
-                return_dict=False,
-            )
+            ctx.forward(ctx.pipe.scheduler.scale_model_input(latents, t), t, [self._global[1]])
         except ForwardTruncated:
             pass
         finally:
