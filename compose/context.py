@@ -27,6 +27,9 @@ def uses_text_time(unet) -> bool:
     return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
+CALL_NEGATIVE = object()  # DenoiseContext.encode: "the negative prompt of the call"
+
+
 @dataclass(frozen=True)
 class Pass:
     """One CFG pass of the UNet: which adapter (None = whatever is active, BASE = none) on which embeddings."""
@@ -76,10 +79,13 @@ class DenoiseContext:
     def weights(self) -> dict[str, float]:
         return {lora.adapter: lora.weight for lora in self.loras}
 
-    def encode(self, prompt: str, adapters: Mapping[str, float] | None = None, negative_prompt: str | None = None):
-        """(negative, positive) embeddings with exactly these text-encoder adapters active; cached per call."""
+    def encode(self, prompt: str, adapters: Mapping[str, float] | None = None, negative_prompt: Any = CALL_NEGATIVE):
+        """(negative, positive) embeddings with exactly these text-encoder adapters active; cached per call.
+
+        negative_prompt: by default the call's; None for none at all (SD: "", SDXL: zeros when configured so).
+        """
         adapters = dict(adapters or {})
-        negative_prompt = self.negative_prompt if negative_prompt is None else negative_prompt
+        negative_prompt = self.negative_prompt if negative_prompt is CALL_NEGATIVE else negative_prompt
         key = (prompt, negative_prompt, tuple(sorted(adapters.items())))
         if key not in self._embeds:
             for encoder in text_encoders(self.pipe):

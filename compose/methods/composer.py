@@ -149,7 +149,7 @@ class ComposerMethod(CompositionMethod):
         for lora in self._regional:
             prompt = self._regional_prompt(ctx.prompt, lora)
             adapters = {lora.adapter: lora.weight} if lora.has_text_encoder else {}
-            negative, embeds = ctx.encode(prompt, adapters, negative_prompt=lora.spec.negative_prompt or "")
+            negative, embeds = ctx.encode(prompt, adapters, negative_prompt=lora.spec.negative_prompt)
             self._contexts.append(torch.cat([negative, embeds]) if ctx.do_cfg else embeds)
             self._cond_contexts.append(embeds)
             words = [lora.trigger] + ([lora.concept] if lora.concept else [])

@@ -32,10 +32,11 @@ from tqdm.auto import tqdm
 from ..adapters import activate, restore, snapshot
 from ..attention.layers import attention_layers, install_processors
 from ..attention.token_mask import KeyAlignment, TaraTrainingAttnProcessor, positions_mask
+from ..context import DenoiseContext, text_encoders
 from ..errors import InvalidOptionError
 from ..methods.base import require
 from ..saving import save_lora
-from ..tokens import require_word, token_positions
+from ..tokens import check_tokenizers_agree, require_word, token_positions
 
 ADAPTER = "tara_training"
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -192,6 +193,7 @@ class TrainingBatch:
     embeds: torch.Tensor
     rare_mask: torch.Tensor
     class_mask: torch.Tensor | None
+    added: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds and time_ids, one row per example
 
 
 def prepare_batch(pipe, examples, resolution: int, options: TaraTrainingOptions, lora_name: str) -> TrainingBatch:
@@ -205,11 +207,13 @@ def prepare_batch(pipe, examples, resolution: int, options: TaraTrainingOptions,
         stds.append(posterior.std)
     factor = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    embeds, rare, concept = {}, [], []
+    tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+    check_tokenizers_agree(tokenizers, sorted({caption for _, caption in examples}))
+    encoded, rare, concept = {}, [], []
     for _, caption in examples:
-        if caption not in embeds:
-            embeds[caption] = pipe.encode_prompt(caption, device, 1, False)[0]
-        length = embeds[caption].shape[1]
+        if caption not in encoded:
+            encoded[caption] = encode_caption(pipe, caption, resolution)
+        length = encoded[caption][0].shape[1]
         rare.append(positions_mask(require_word(pipe.tokenizer, caption, options.rare_token, lora_name), length))
         positions = token_positions(pipe.tokenizer, caption, options.class_word)
         require(
@@ -218,13 +222,30 @@ def prepare_batch(pipe, examples, resolution: int, options: TaraTrainingOptions,
             "add it to the caption or set lambda_align to 0",
         )
         concept.append(positions_mask(positions, length))
+    added = [encoded[caption][1] for _, caption in examples]
     return TrainingBatch(
         latent_mean=(torch.cat(means) - shift) * factor,
         latent_std=torch.cat(stds) * factor,
-        embeds=torch.cat([embeds[caption] for _, caption in examples]),
+        embeds=torch.cat([encoded[caption][0] for _, caption in examples]),
         rare_mask=torch.stack(rare).to(device),
         class_mask=torch.stack(concept).to(device) if options.aligns else None,
+        added={key: torch.cat([a[key] for a in added]) for key in added[0]} if added[0] else None,
     )
+
+
+def encode_caption(pipe, caption: str, resolution: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """(hidden states, SDXL's pooled embeds and time ids or None) of one caption, encoded as sampling encodes it."""
+    ctx = DenoiseContext(
+        pipe=pipe, prompt=caption, negative_prompt=None, loras=[], guidance_scale=1.0, guidance_rescale=0.0,
+        height=resolution, width=resolution, num_images=1, clip_skip=None, cross_attention_kwargs=None,
+    )  # fmt: skip
+    encoders = text_encoders(pipe)
+    state = snapshot(encoders)
+    try:
+        _, embeds = ctx.encode(caption)  # base text encoders: TARA trains the UNet only
+    finally:
+        restore(encoders, state)
+    return embeds, ctx.added_conditions([embeds])
 
 
 @contextmanager
@@ -291,7 +312,8 @@ def run_training(
         else:
             target = scheduler.get_velocity(latents, noise, timesteps)
         alignment.start(batch.rare_mask[index], None if batch.class_mask is None else batch.class_mask[index])
-        prediction = unet(noisy, timesteps.to(unet.device), batch.embeds[index]).sample
+        added = None if batch.added is None else {key: value[index] for key, value in batch.added.items()}
+        prediction = unet(noisy, timesteps.to(unet.device), batch.embeds[index], added_cond_kwargs=added).sample
         mse = F.mse_loss(prediction.float(), target.float())
         align = alignment.loss()
         loss = mse + options.lambda_align * align
