@@ -43,13 +43,32 @@ def concept_token_loss(
     maps: (K, h, w, T) attention of K prompts over T tokens; concept_tokens[k][c] are the token
     positions of concept c in prompt k. Each (k, c, position) gives one sample labelled c.
     """
-    samples, labels = [], []
-    for k, per_concept in enumerate(concept_tokens):
-        for concept, positions in enumerate(per_concept):
-            for position in positions:
-                samples.append(maps[k, :, :, position].flatten())
-                labels.append(concept)
+    samples = [maps[k, :, :, position].flatten() for k, _, position in _token_samples(concept_tokens)]
     if not samples:
         return maps.sum() * 0.0
     stacked = minmax_normalize(torch.stack(samples))
-    return nt_xent_loss(stacked, torch.tensor(labels, device=maps.device), tau)
+    return nt_xent_loss(stacked, sample_labels(concept_tokens).to(maps.device), tau)
+
+
+def _token_samples(concept_tokens: list[list[list[int]]]):
+    """(prompt k, concept c, token position) of every sample, in loss order."""
+    return [
+        (k, concept, position)
+        for k, per_concept in enumerate(concept_tokens)
+        for concept, positions in enumerate(per_concept)
+        for position in positions
+    ]
+
+
+def sample_labels(concept_tokens: list[list[list[int]]]) -> torch.Tensor:
+    return torch.tensor([concept for _, concept, _ in _token_samples(concept_tokens)], dtype=torch.long)
+
+
+def separation(loss: float, labels: torch.Tensor, tau: float = 0.5) -> float:
+    """Where `loss` lies between maps that all coincide (0) and each concept's maps identical and
+    disjoint from the others' (1): a scale-free reading of the loss, whatever the number of maps."""
+    coinciding = nt_xent_loss(torch.ones(len(labels), 1), labels, tau).item()
+    disjoint = nt_xent_loss(F.one_hot(labels).float(), labels, tau).item()
+    if coinciding <= disjoint:  # one concept: nothing to separate
+        return 1.0
+    return (coinciding - loss) / (coinciding - disjoint)

@@ -19,10 +19,11 @@ from compose.concept_prompts import (
     remove_words,
 )
 from compose.context import DenoiseContext
-from compose.contrastive import concept_token_loss, minmax_normalize, nt_xent_loss
+from compose.contrastive import concept_token_loss, minmax_normalize, nt_xent_loss, sample_labels, separation
 from compose.errors import InvalidOptionError
 from compose.tokens import token_positions
 from compose.masks import attention_masks, dilate, erode, fuse_noise_predictions, morph, threshold_mask
+import compose.methods.clora as clora_module
 from compose.methods.clora import CloraMethod, CloraOptions, TruncatingStore, step_index
 from pipelines.tiny import tiny_tokenizer
 from tests.conftest import PROMPT, generator
@@ -82,6 +83,20 @@ def test_one_concept_gives_zero_loss():
     samples = torch.rand(4, 6)
     assert nt_xent_loss(samples, torch.zeros(4, dtype=torch.long)).item() == 0.0
     assert concept_token_loss(torch.rand(2, 3, 3, 4), [[[1]], [[1, 2]]]).item() == 0.0
+
+
+def test_separation_reads_the_loss_between_coinciding_and_disjoint_maps():
+    tokens = [[[1], [2]], [[1], [3]], [[4], [2]]]  # 3 prompts, 2 concepts, one token each
+    labels = sample_labels(tokens)
+    assert labels.tolist() == [0, 1, 0, 1, 0, 1]
+    same = torch.rand(1, 4, 4, 1).expand(3, 4, 4, 6)  # every token of every prompt attends alike
+    apart = torch.zeros(3, 4, 4, 6)
+    apart[:, :2, :, [1, 4]] = 1.0  # concept 0 on the top half, concept 1 on the bottom half
+    apart[:, 2:, :, [2, 3]] = 1.0
+    for maps, expected in ((same, 0.0), (apart, 1.0)):
+        loss = concept_token_loss(maps, tokens).item()
+        assert separation(loss, labels) == pytest.approx(expected, abs=1e-6)
+    assert separation(0.0, torch.zeros(3, dtype=torch.long)) == 1.0  # one concept: nothing to separate
 
 
 # --- masks and fusion -------------------------------------------------------------------------
@@ -188,7 +203,8 @@ def test_options_are_validated():
     assert step_index(0.5, 50) == 25 and step_index(7, 50) == 7 and step_index(0.5, 3) == 1
     assert CloraOptions(refinement_steps=[0, 0.5]).refinement_steps == (0, 0.5)
     for bad in (dict(morphology="blur"), dict(tau=0), dict(max_iter_to_alter=1.5), dict(refinement_rounds=0),
-                dict(alpha=1.0), dict(recompute_after_update="yes"), dict(max_iter_to_alter=True)):  # fmt: skip
+                dict(alpha=1.0), dict(recompute_after_update="yes"), dict(max_iter_to_alter=True),
+                dict(target_separation=0), dict(target_separation=1.5)):  # fmt: skip
         with pytest.raises(InvalidOptionError):
             CloraOptions(**bad)
 
@@ -223,13 +239,27 @@ def test_without_updates_and_masks_it_averages_base_and_composite(pipe, loras):
 
 
 def test_latent_update_lowers_the_loss(pipe, loras):
-    out = clora(pipe, [loras["cat"], loras["dog"]], options=dict(max_iter_to_alter=1, refinement_rounds=3))
+    options = dict(max_iter_to_alter=1, refinement_rounds=3, target_separation=None)
+    out = clora(pipe, [loras["cat"], loras["dog"]], options=options)
     [losses] = out.extras["losses"]
     assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
     assert out.unet_calls == 3 + 1  # three map-only forwards, then the prediction on the updated latent
     masks = out.extras["masks"]
     assert masks.shape == (3, 16, 16) and (masks.sum(dim=0) >= 1).all()
     assert out.extras["attention_maps"].shape == (3, 16, 16, 77)
+
+
+@pytest.mark.parametrize("target, updates", [(None, [3, 1, 3]), (0.8, [3, 1, 3]), (0.6, [1, 0, 0])])
+def test_updates_stop_once_the_maps_are_separated(pipe, loras, monkeypatch, target, updates):
+    """Separation pinned at 0.7: a target above it runs the whole schedule (refinement at steps 0
+    and 2), a target below it stops after the first update, which is the only one run before any
+    map was seen."""
+    monkeypatch.setattr(clora_module, "separation", lambda *a: 0.7)
+    options = dict(max_iter_to_alter=3, refinement_steps=[0, 2], refinement_rounds=3, target_separation=target)
+    out = clora(pipe, [loras["cat"], loras["dog"]], steps=3, options=options)
+    assert [len(losses) for losses in out.extras["losses"]] == updates
+    assert out.extras["separations"] == [0.7, 0.7, 0.7]
+    assert out.unet_calls == sum(updates) + 3
 
 
 def test_stale_predictions_and_uncond_maps_as_the_reference(pipe, loras):

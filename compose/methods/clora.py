@@ -19,7 +19,7 @@ from ..attention.regions import ForwardTruncated
 from ..attention.layers import attention_layers, install_processors, layer_grid, layers_near_factor
 from ..concept_prompts import Concept, ConceptError, MissingConceptError, concept_prompts, infer_concept
 from ..context import Pass
-from ..contrastive import concept_token_loss
+from ..contrastive import concept_token_loss, sample_labels, separation
 from ..errors import InvalidOptionError
 from ..lora_delta import lora_delta
 from ..masks import MORPHOLOGY, attention_masks, fuse_noise_predictions
@@ -49,7 +49,11 @@ class CloraOptions:
     step_size: float = 20.0  # latent step per update (the paper's value for SD 1.5)
     max_iter_to_alter: int | float = 0.5  # steps i < this update the latent: a count, or a fraction of the steps
     refinement_steps: tuple[int | float, ...] = (0.0, 0.2, 0.4)  # steps that repeat the update ({0,10,20} of 50)
-    refinement_rounds: int = 20  # updates at a refinement step
+    refinement_rounds: int = 20  # at most this many updates at a refinement step
+    # Updates stop (rounds end, update steps are skipped) once the last maps' separation reaches this:
+    # 0 = all concept maps coincide, 1 = each concept's maps identical and disjoint from the others'.
+    # None always runs every update, as the reference does.
+    target_separation: float | None = 0.5
     tau: float = 0.5  # NT-Xent temperature
     alpha: float = 0.35  # mask threshold, relative to each token map's peak
     morphology: str = "none"  # 3x3 clean-up of each mask: none, dilate, erode, open, close
@@ -75,6 +79,10 @@ class CloraOptions:
                 and not isinstance(self.refinement_rounds, bool)
                 and self.refinement_rounds >= 1,
                 "a whole number >= 1",
+            ),
+            "target_separation": (
+                self.target_separation is None or (_is_number(self.target_separation) and 0 < self.target_separation <= 1),
+                "a number in (0, 1] or None",
             ),
             "tau": (_is_number(self.tau) and self.tau > 0, "a number > 0"),
             "alpha": (_is_number(self.alpha) and 0 <= self.alpha < 1, "a number in [0, 1)"),
@@ -142,18 +150,27 @@ class CloraMethod(CompositionMethod):
         self.update_until = step_index(self.options.max_iter_to_alter, steps)
         self.refine_at = {step_index(s, steps) for s in self.options.refinement_steps}
         self.mask_from = step_index(self.options.apply_mask_after, steps)
-        ctx.outputs.update(prompts=list(self.plan.prompts), pass_adapters=[p.adapter for p in self.passes], losses=[])
+        self.labels = sample_labels(self.plan.concept_tokens)
+        self.separation = None  # of the latest maps; None before the first forward
+        ctx.outputs.update(
+            prompts=list(self.plan.prompts), pass_adapters=[p.adapter for p in self.passes], losses=[], separations=[]
+        )
 
     def noise_prediction(self, ctx, latents, t, i):
         pairs, losses = None, []
         if i < self.update_until and len(self.concept_loras) > 1:
             rounds = self.options.refinement_rounds if i in self.refine_at else 1
             for _ in range(rounds):
+                if self._separated():
+                    break
                 latents, pairs, loss = self._update_latents(ctx, latents, t)
                 losses.append(loss)
+                self.separation = separation(loss / latents.shape[0], self.labels, self.options.tau)
         if pairs is None:
             pairs = ctx.predict(latents, t, self.passes)
         maps = self._maps(latents.shape[0], 2 if ctx.do_cfg else 1)
+        self.separation = self._separation(maps)
+        ctx.outputs["separations"].append(self.separation)
         if i >= self.mask_from:
             masks = attention_masks(maps, self.plan.mask_tokens, self.options.alpha, self.options.morphology)
         else:
@@ -165,6 +182,16 @@ class CloraMethod(CompositionMethod):
         ctx.outputs["attention_maps"] = maps[:, 0] if single else maps.transpose(0, 1)
         ctx.outputs["losses"].append(losses)
         return ctx.guide(uncond, cond), latents
+
+    def _separated(self) -> bool:
+        target = self.options.target_separation
+        return target is not None and self.separation is not None and self.separation >= target
+
+    def _separation(self, maps: torch.Tensor) -> float:
+        """Separation of the concept maps (K, images, h, w, T), from the loss averaged over images as in updates."""
+        tokens, tau = self.plan.concept_tokens, self.options.tau
+        loss = sum(float(concept_token_loss(image_maps, tokens, tau)) for image_maps in maps.unbind(1))
+        return separation(loss / maps.shape[1], self.labels, tau)
 
     def _update_latents(self, ctx, latents, t):
         """One gradient step on the contrastive loss: (new latents, predictions or None, loss).
