@@ -4,13 +4,14 @@ import pytest
 import toyworld
 from compose.loading import resolve_loras
 from pipelines.loading import load_pipeline
-from toyworld.train_loras import CLASS_WORDS, concept_rate, generate
+from toyworld.train_loras import CLASS_WORDS, VARIANTS, concept_rate, generate, lora_file, measure_prompt
 
 LORAS = toyworld.default_model_path().parent / "loras"
 SEEDS = range(6)
-# Measured on 16 seeds with method "tara" (toyworld/loras/RECIPE.md): 100% with each LoRA, 0% without.
+# Measured on 16 seeds (toyworld/loras/RECIPE.md): 94-100% with each LoRA under its method, 0% without.
 # A gain of half the seeds leaves a wide margin for the 6-seed sample.
 MIN_GAIN = 0.5
+FILES = [(trigger, variant) for variant in VARIANTS for trigger in CLASS_WORDS]
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +21,17 @@ def toy_pipe():
     return pipe
 
 
-def test_shipped_loras_carry_trigger_and_concept(toy_pipe):
-    paths = [LORAS / f"{trigger}.safetensors" for trigger in CLASS_WORDS]
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_shipped_loras_carry_trigger_and_concept(toy_pipe, variant):
+    paths = [lora_file(LORAS, trigger, variant) for trigger in CLASS_WORDS]
     resolved = resolve_loras(toy_pipe, paths)
     assert [(lora.trigger, lora.concept) for lora in resolved] == list(CLASS_WORDS.items())
     assert all(path.stat().st_size < 1_000_000 for path in paths)
 
 
-@pytest.mark.parametrize("trigger", list(CLASS_WORDS))
-def test_lora_raises_the_judged_concept_rate(toy_pipe, trigger):
-    prompt = f"a {trigger} {CLASS_WORDS[trigger]}"
-    with_lora = concept_rate(generate(toy_pipe, prompt, SEEDS, LORAS / f"{trigger}.safetensors"), trigger)
+@pytest.mark.parametrize("trigger, variant", FILES)
+def test_lora_raises_the_judged_concept_rate(toy_pipe, trigger, variant):
+    prompt, method = measure_prompt(trigger), VARIANTS[variant][2]
+    with_lora = concept_rate(generate(toy_pipe, prompt, SEEDS, lora_file(LORAS, trigger, variant), method), trigger)
     base = concept_rate(generate(toy_pipe, prompt, SEEDS), trigger)
     assert with_lora - base >= MIN_GAIN, (with_lora, base)
