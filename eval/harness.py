@@ -103,7 +103,7 @@ class Job:
 def config_path(name: str | Path) -> Path:
     """A config file, or the file of a preset named like `toyworld`."""
     path = Path(name)
-    if not path.exists() and str(name) in PRESETS:
+    if not path.is_file() and str(name) in PRESETS:
         return PRESETS[str(name)]
     if not path.is_file():
         raise EvalConfigError("CONFIG", f"config file {path} does not exist; give a file or a preset ({sorted(PRESETS)})")
