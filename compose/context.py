@@ -171,7 +171,7 @@ class DenoiseContext:
         pooled, time_ids = [], []
         for states in hidden_states:
             if id(states) not in self._pooled:
-                raise ValueError("on SDXL every prompt must be encoded with DenoiseContext.encode (it keeps the pooled embeds)")
+                raise ValueError("on SDXL, encode every prompt with DenoiseContext.encode: it keeps the pooled embeds")
             embeds, negative = self._pooled[id(states)]
             pooled.append(embeds)
             time_ids.append((negative_ids if negative else positive_ids).repeat(states.shape[0], 1))
@@ -180,20 +180,27 @@ class DenoiseContext:
     def time_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(negative, positive) SDXL time ids: original size, crop corner, target size (defaults: the image size)."""
         if self._time_ids is None:
-            conditions, size = self.size_conditions, (self.height, self.width)
-            encoder = self.pipe.text_encoder_2
-            ids = lambda original, crop, target: self.pipe._get_add_time_ids(  # noqa: E731
-                tuple(original or size), tuple(crop or (0, 0)), tuple(target or size),
-                dtype=encoder.dtype, text_encoder_projection_dim=encoder.config.projection_dim,
-            ).to(self.pipe._execution_device)  # fmt: skip
-            positive = ids(conditions.get("original_size"), conditions.get("crops_coords_top_left"),
-                           conditions.get("target_size"))  # fmt: skip
+            given = self.size_conditions
+            positive = self._size_ids(
+                given.get("original_size"), given.get("crops_coords_top_left"), given.get("target_size")
+            )
             negative = positive
-            if conditions.get("negative_original_size") and conditions.get("negative_target_size"):
-                negative = ids(conditions["negative_original_size"], conditions.get("negative_crops_coords_top_left"),
-                               conditions["negative_target_size"])  # fmt: skip
+            if given.get("negative_original_size") and given.get("negative_target_size"):
+                negative = self._size_ids(
+                    given["negative_original_size"],
+                    given.get("negative_crops_coords_top_left"),
+                    given["negative_target_size"],
+                )
             self._time_ids = (negative, positive)
         return self._time_ids
+
+    def _size_ids(self, original, crop, target) -> torch.Tensor:
+        size, encoder = (self.height, self.width), self.pipe.text_encoder_2
+        ids = self.pipe._get_add_time_ids(
+            tuple(original or size), tuple(crop or (0, 0)), tuple(target or size),
+            dtype=encoder.dtype, text_encoder_projection_dim=encoder.config.projection_dim,
+        )  # fmt: skip
+        return ids.to(self.pipe._execution_device)
 
     def guide(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance (and guidance rescale), as StableDiffusionPipeline does it."""

@@ -3,7 +3,8 @@
 A full pass records the input of the UNet's last up-block (the "deep feature"). A shallow pass
 runs the time embedding, conv_in, the first down-block, the last up-block on the recorded deep
 feature and the output convolution: the skip connections of the outermost level are fresh, the rest
-is reused. Plain Stable Diffusion UNets only (no class/addition embeddings, no centred input).
+is reused. Stable Diffusion and SDXL UNets (SDXL's "text_time" addition embedding is supported; class
+embeddings, other addition embeddings and centred input are not).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def supports_shallow_pass(unet) -> str | None:
     config = unet.config
     if config.class_embed_type is not None or config.num_class_embeds is not None:
         return "it has class embeddings"
-    if config.addition_embed_type is not None:
+    if config.addition_embed_type not in (None, "text_time"):
         return f"it has an addition embedding ({config.addition_embed_type})"
     if config.center_input_sample or config.time_cond_proj_dim is not None:
         return "it centres its input or takes a guidance embedding"
@@ -52,9 +53,17 @@ def _cross_attention(block, encoder_hidden_states, cross_attention_kwargs) -> di
     return {}
 
 
-def shallow_forward(unet, sample, timestep, encoder_hidden_states, deep_feature, cross_attention_kwargs=None):
-    """The UNet's noise prediction with everything between the outermost blocks taken from `deep_feature`."""
+def shallow_forward(
+    unet, sample, timestep, encoder_hidden_states, deep_feature, cross_attention_kwargs=None, added_cond_kwargs=None
+):
+    """The UNet's noise prediction with everything between the outermost blocks taken from `deep_feature`.
+
+    added_cond_kwargs: SDXL's pooled text embeddings and time ids, as the full forward takes them.
+    """
     emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    added = unet.get_aug_embed(emb, encoder_hidden_states, added_cond_kwargs)
+    if added is not None:
+        emb = emb + added
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
     hidden = unet.conv_in(sample)
@@ -88,8 +97,9 @@ def shallow_predict(
     names = [p.adapter for p in passes for _ in range(halves * latents.shape[0])]
     with per_sample_adapters(ctx.unet, names):
         eps = shallow_forward(
-            ctx.unet, model_input, t, torch.cat(embeds), torch.cat(list(features)), ctx.cross_attention_kwargs
-        )
+            ctx.unet, model_input, t, torch.cat(embeds), torch.cat(list(features)), ctx.cross_attention_kwargs,
+            ctx.added_conditions(embeds),
+        )  # fmt: skip
     chunks = eps.chunk(halves * len(passes))
     if ctx.do_cfg:
         return [(chunks[2 * k], chunks[2 * k + 1]) for k in range(len(passes))]

@@ -210,7 +210,9 @@ def check_compatible(info: LoraFileInfo, pipe) -> None:
             )
         shapes = model_layer_shapes(model)
         wanted = {
-            diffusers_key(component, key, pipe): shape for (comp, key), shape in info.layers.items() if comp == component
+            diffusers_key(component, key, pipe): shape
+            for (comp, key), shape in info.layers.items()
+            if comp == component
         }
         missing = sorted(key for key in wanted if key not in shapes)
         wrong = sorted(

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .adapters import BASE, restore, snapshot
-from .context import DenoiseContext, Pass
+from .context import DenoiseContext, Pass, text_encoders
 from .frequency import high_frequency_score, radial_profile
 from .loading import load_adapters, resolve_loras
 from .methods.base import require
@@ -81,9 +81,9 @@ def default_cache_dir() -> Path:
 
 
 def model_identity(pipe) -> str:
-    """Hash of the configs and a few weights of the UNet, VAE and text encoder (LoRA weights excluded)."""
+    """Hash of the configs and a few weights of the UNet, VAE and text encoder(s) (LoRA weights excluded)."""
     digest = hashlib.sha256()
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         model = getattr(pipe, name, None)
         if model is None:
             continue
@@ -188,7 +188,7 @@ def profile_lora_files(
 ) -> list[LoraProfile]:
     """Resolve, load and profile LoRA files; the pipeline's adapter state is as before afterwards."""
     resolved = resolve_loras(pipe, sources)
-    models = (pipe.unet, pipe.text_encoder)
+    models = (pipe.unet, *text_encoders(pipe))
     state = snapshot(models)
     try:
         load_adapters(pipe, resolved)

@@ -140,7 +140,7 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="time every method against single-LoRA generation")
-    parser.add_argument("--model", default="tiny", help="diffusers folder, hub id, or 'tiny' (default)")
+    parser.add_argument("--model", default="tiny", help="diffusers folder, hub id, 'tiny' (default) or 'tiny-sdxl'")
     parser.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS))
     parser.add_argument("--num-loras", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=10)

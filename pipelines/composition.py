@@ -141,7 +141,9 @@ class MultiLoraPipelineMixin:
                 "cross_attention_kwargs['scale'] does not apply to composition; give each LoRA its weight instead"
             )
         if self.unet.config.time_cond_proj_dim is not None:
-            raise UnsupportedArgumentError("guidance-distilled UNets (time_cond_proj_dim) are not supported with `loras=`")
+            raise UnsupportedArgumentError(
+                "guidance-distilled UNets (time_cond_proj_dim) are not supported with `loras=`"
+            )
         unknown = sorted(set(kwargs) - set(self._composition_arguments))
         if unknown:
             raise UnsupportedArgumentError(f"unexpected keyword argument(s) {unknown} with `loras=`")

@@ -92,7 +92,7 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="generate one image with several LoRAs")
-    parser.add_argument("--model", help="diffusers folder, hub id, or 'tiny' (default: the built-in model)")
+    parser.add_argument("--model", help="diffusers folder, hub id, 'tiny' or 'tiny-sdxl' (default: the built-in model)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="repeat per LoRA")
     parser.add_argument("--trigger", action="append", default=[], help="trigger word of the n-th --lora")
     parser.add_argument("--concept", action="append", default=[], help="concept word of the n-th --lora")

@@ -49,7 +49,7 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("profile", help="rank LoRAs by the high-frequency content they add (cmlora's order)")
-    parser.add_argument("--model", required=True, help="diffusers folder, hub id, or 'tiny'")
+    parser.add_argument("--model", required=True, help="diffusers folder, hub id, 'tiny' or 'tiny-sdxl'")
     parser.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]", help="repeat per LoRA")
     parser.add_argument("--steps", type=int, default=8, help="denoising steps of the profiling pre-pass")
     parser.add_argument("--seed", type=int, default=0)

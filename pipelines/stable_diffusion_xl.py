@@ -101,11 +101,8 @@ class MultiLoraStableDiffusionXLPipeline(MultiLoraPipelineMixin, StableDiffusion
         return self._compose(parent_kwargs, loras, method, method_options)
 
     def _check_model_inputs(self, prompt, negative_prompt, height, width, tensor_inputs) -> None:
-        self.check_inputs(
-            prompt, None, height, width, None, negative_prompt, None, None, None, None, None, None, None, tensor_inputs
-        )
-        texts = [prompt, negative_prompt or ""]
-        check_tokenizers_agree([self.tokenizer, self.tokenizer_2], texts)
+        self.check_inputs(prompt, None, height, width, None, negative_prompt, callback_on_step_end_tensor_inputs=tensor_inputs)
+        check_tokenizers_agree([self.tokenizer, self.tokenizer_2], [prompt, negative_prompt or ""])
 
     def _callback_tensors(self, ctx, negative, embeds) -> dict[str, torch.Tensor]:
         added = ctx.added_conditions([embeds])

@@ -1,9 +1,15 @@
 """Every registered method on the tiny SDXL: the shared contract tests and each method's equivalences,
 imported from the SD 1.x test modules and run here with the SDXL `pipe` and `loras` fixtures."""
 
+import torch
+
+from compose.deep_cache import deep_features, shallow_forward
 from tests.sdxl_helpers import loras, pipe  # noqa: F401  (fixtures under the names the imported tests use)
 from tests.test_clora import test_without_updates_and_masks_it_averages_base_and_composite  # noqa: F401
-from tests.test_cmlora import test_every_interval_one_with_equal_weights_is_composite  # noqa: F401
+from tests.test_cmlora import (  # noqa: F401
+    test_deep_cache_counts_full_and_shallow_passes,
+    test_every_interval_one_with_equal_weights_is_composite,
+)
 from tests.test_composer import test_whole_image_box_equals_lora_in_cross_attention_kv_out_only  # noqa: F401
 from tests.test_methods_shared import (  # noqa: F401
     test_bad_input_fails_before_any_unet_call,
@@ -20,3 +26,14 @@ from tests.test_pipeline import (  # noqa: F401
     test_state_restored_after_call_and_after_exception,
 )
 from tests.test_tara import test_masks_on_every_token_reproduce_merge  # noqa: F401
+
+
+def test_shallow_pass_with_pooled_embeds_and_time_ids_is_the_full_pass(pipe):  # noqa: F811
+    sample, embeds = torch.randn(2, 4, 32, 32), torch.randn(2, 77, 64)
+    time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64], [32, 48, 8, 0, 64, 64]])
+    added = {"text_embeds": torch.randn(2, 32), "time_ids": time_ids}
+    with torch.no_grad():
+        with deep_features(pipe.unet) as captured:
+            full = pipe.unet(sample, torch.tensor(500), embeds, added_cond_kwargs=added).sample
+        shallow = shallow_forward(pipe.unet, sample, torch.tensor(500), embeds, captured[0], added_cond_kwargs=added)
+    assert torch.equal(shallow, full)

@@ -138,7 +138,8 @@ def test_layers_and_names_follow_the_sdxl_config():
     assert len(layers_near_factor(unet, 4)) == 60  # 1/32 of the image: 2x10 down, 10 mid, 3x10 up
     config = unet.config
     expected = {
-        "input_blocks_7_1_transformer_blocks_9_attn2_to_k": "down_blocks_2_attentions_0_transformer_blocks_9_attn2_to_k",
+        "input_blocks_7_1_transformer_blocks_9_attn2_to_k": "down_blocks_2_attentions_0_"
+        "transformer_blocks_9_attn2_to_k",
         "input_blocks_6_0_op": "down_blocks_1_downsamplers_0_conv",
         "middle_block_1_proj_in": "mid_block_attentions_0_proj_in",
         "output_blocks_0_0_skip_connection": "up_blocks_0_resnets_0_conv_shortcut",
