@@ -14,8 +14,10 @@ from compose.attention.layers import attention_layers, layers_near_factor
 from compose.context import DenoiseContext
 from compose.errors import IncompatibleLoraError
 from compose.loading import load_adapters, model_layer_shapes, resolve_loras
+from compose.methods import METHODS
 from compose.tokens import TokenizerMismatchError, check_tokenizers_agree, token_positions
 from compose.unet_names import diffusers_to_original, original_to_diffusers_key
+from eval.bench import run_benchmark
 from pipelines import MultiLoraPipelineOutput, MultiLoraStableDiffusionXLPipeline
 from pipelines.loading import load_pipeline
 from pipelines.tiny import tiny_pipeline, tiny_tokenizer, write_random_lora
@@ -165,3 +167,9 @@ def test_load_pipeline_by_name_and_from_an_sdxl_folder(pipe, tmp_path):  # noqa:
     assert isinstance(loaded, MultiLoraStableDiffusionXLPipeline)
     loaded.set_progress_bar_config(disable=True)
     assert (run(loaded, steps=2).images == run(pipe, steps=2).images).all()
+
+
+def test_benchmark_runs_every_method_on_sdxl(pipe):  # noqa: F811
+    rows = run_benchmark(pipe, sorted(METHODS), [2], steps=1, repeats=1)
+    assert [row.method for row in rows] == ["single", *sorted(METHODS)]
+    assert all(row.error is None and row.unet_calls >= 1 for row in rows), [row.error for row in rows]
