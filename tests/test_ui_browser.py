@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import threading
@@ -18,7 +19,8 @@ from pipelines.tiny import tiny_pipeline
 from ui import LoraLibrary, build_app
 
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "images" / "ui.png"
+# The README's screenshot is refreshed only on request, so a test run leaves the checkout as it was.
+SCREENSHOT = os.environ.get("LORACOMPOSE_UI_SCREENSHOT")  # e.g. docs/images/ui.png
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs Debian's headless Chromium at /usr/bin/chromium (apt-get install chromium)"
@@ -78,7 +80,7 @@ def set_number(page, selector: str, value: str) -> None:
     field.press("Enter")
 
 
-def test_two_loras_generate_an_image_and_a_missing_trigger_is_reported(page):
+def test_two_loras_generate_an_image_and_a_missing_trigger_is_reported(page, tmp_path):
     sync_api.expect.set_options(timeout=30_000)  # every event is a round trip to a server on a busy machine
     start = time.perf_counter()
     choose(page, "cat")
@@ -98,8 +100,7 @@ def test_two_loras_generate_an_image_and_a_missing_trigger_is_reported(page):
     page.locator("#generate").click()
     sync_api.expect(page.locator("#output img").first).to_be_visible(timeout=60_000)
     sync_api.expect(page.locator("#status")).to_contain_text("3 steps")
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    page.screenshot(path=SCREENSHOT or str(tmp_path / "ui.png"), full_page=True)
     print(f"first image {time.perf_counter() - start:.1f} s after the page opened")
 
     page.locator("#prompt textarea").fill("a sks cat and a dog")
