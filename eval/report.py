@@ -43,12 +43,19 @@ def _flag(value) -> list[float]:
     return [] if value is None else [float(value)]
 
 
+def _share(flags: dict | None) -> list[float]:
+    """The share of a row's concepts found, one value per row."""
+    return [sum(flags.values()) / len(flags)] if flags else []
+
+
 # What is summarised per method: metric -> the values one row contributes (none if it lacks the metric).
-# all_present / all_in_region come from a ground-truth judge (the toy world's); their means are rates.
+# all_present / concepts_present / all_in_region come from a ground-truth judge (the toy world's);
+# their means are rates.
 METRICS = {
     "clip_score": lambda row: [row["clip_score"]],
     "region_score": lambda row: list(row.get("region_scores", {}).values()),
     "all_present": lambda row: _flag(row.get("all_present")),
+    "concepts_present": lambda row: _share(row.get("judge_present")),
     "all_in_region": lambda row: _flag(row.get("all_in_region")),
     "seconds": lambda row: [row["seconds"]],
 }
@@ -56,6 +63,7 @@ METRIC_TITLES = {
     "clip_score": "CLIPScore",
     "region_score": "region score",
     "all_present": "all concepts present",
+    "concepts_present": "concepts present",
     "all_in_region": "all in their regions",
     "seconds": "seconds per image",
 }
@@ -126,7 +134,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
             cells = []
             for metric in metrics:
                 mean = group[metric]["mean"]
-                rate = metric.startswith("all_")
+                rate = metric.startswith("all_") or metric == "concepts_present"
                 cells.append("–" if mean is None else f"{100 * mean:.0f}%" if rate else f"{mean:.2f}")
             n = max(group[m]["n"] for m in ("clip_score", "seconds"))
             lines.append(f"| {method} | {count} | {n} | " + " | ".join(cells) + " |")
@@ -282,7 +290,7 @@ CLIP <code>{e(first['clip_model'])}</code> ({e(first['clip_convention'])} conven
 {first['steps']} steps, {first['height']}x{first['width']} px, guidance {first['guidance']}</p>
 <p class="caveat"><b>Caveat.</b> {e(CAVEAT)}</p>
 <h2>Summary</h2>
-<p>Rates (all concepts present, all in their regions) come from a ground-truth judge where the model has one
+<p>Rates (all concepts present, share of concepts present, all in their regions) come from a ground-truth judge where the model has one
 (the toy world's); their mean is the share of images.</p>
 <table><tr><th>method</th><th>LoRAs</th><th>n</th>{metric_heads}</tr>{method_rows}</table>
 <h2>Plots</h2>

@@ -69,3 +69,25 @@ def test_report_writes_summaries_plots_grids_and_a_page_showing_every_image(resu
     assert sum(src.startswith("data:image/png;base64,") for src in sources) == 2 + 2  # plots and grids embedded
     assert "weak proxy" in text and "Multi-LoRA Composition" in text and CAVEAT[:40] in text
     assert "region score" in text
+
+
+def test_judged_rows_give_presence_and_placement_rates(results):
+    """Rows with a judge's verdicts: the summary's rates are shares of images (or of concepts)."""
+    rows = [json.loads(line) for line in (results / RESULTS).read_text().splitlines()]
+    verdicts = [({"sks": True, "zwx": True}, {"sks": True, "zwx": False}), ({"sks": True, "zwx": False}, {}),
+                ({"sks": False, "zwx": False}, {}), ({"sks": True, "zwx": True}, {"sks": True, "zwx": True})]
+    (results / RESULTS).unlink()
+    for index, row in enumerate(rows):
+        present, placed = verdicts[index % 4]
+        row.update(judge_present=present, all_present=all(present.values()), judge_in_region=placed,
+                   all_in_region=all(placed.values()) if placed else None)
+        append_row(results / RESULTS, row)
+    write_report(results)
+    merge = json.loads((results / "summary.json").read_text())["methods"]["merge"]  # verdicts 0..3, once each
+    assert merge["all_present"]["mean"] == pytest.approx(2 / 4)
+    assert merge["concepts_present"]["mean"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert merge["all_in_region"]["n"] == 2 and merge["all_in_region"]["mean"] == pytest.approx(1 / 2)
+    table = (results / "summary.md").read_text().splitlines()
+    assert table[0].startswith("| method | LoRAs | n | CLIPScore | region score | all concepts present |")
+    assert "| merge | 1 | 2 |" in table[2] and "| 50% |" in table[2]  # seeds 0, 1 of LoRA set 'cat'
+    assert "sks +/in zwx +/out" in (results / "report.html").read_text()
