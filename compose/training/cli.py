@@ -14,7 +14,7 @@ def register(subparsers) -> None:
         description="DreamBooth-style LoRA training with TARA's token mask and key-alignment loss. "
         "The file records the rare token and class word, so `--method tara` needs no extra flags.",
     )
-    parser.add_argument("--model", help="diffusers folder, hub id, or 'tiny' (default: the built-in model)")
+    parser.add_argument("--model", help="diffusers folder, hub id, 'tiny' or 'tiny-sdxl' (default: the built-in model)")
     parser.add_argument("--images", required=True, type=Path, help="folder of .png/.jpg training images")
     parser.add_argument("--rare-token", required=True, help="the new word that will call the concept, e.g. sks")
     parser.add_argument("--class-word", required=True, help="the plain word for the concept's class, e.g. dog")
