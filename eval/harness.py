@@ -9,6 +9,7 @@ rows and writes its own shard file; the main process merges them in grid order a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -358,8 +359,12 @@ class PreparedGrid:
         }  # fmt: skip
 
     def job_id(self, config: EvalConfig, job: Job) -> str:
-        """Same settings and same LoRA contents -> same id, wherever the files live."""
+        """Same settings and same LoRA contents -> same id, wherever the files live.
+
+        Options count with their defaults filled in, so a row made before a default changed is not reused.
+        """
         recipe = self.recipe(config, job)
+        recipe["options"] = dataclasses.asdict(build_method(job.method.name, job.method.options).options)
         for entry, lora in zip(recipe["loras"], self.loras[job.lora_set]):
             entry["source"] = lora.sha256
         return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:20]

@@ -236,6 +236,16 @@ def test_sets_with_own_prompts_and_methods_limited_to_sets(loras, tmp_path):
     assert options[("dog", "merge")] == {"fuse": True} and options[("cat", "merge")] == {}
 
 
+def test_job_ids_count_options_with_their_defaults(pipe, loras, tmp_path):
+    raw = base_config(loras)
+    raw["methods"] = [{"name": "merge"}, {"name": "merge", "label": "stated", "options": {"fuse": False}},
+                      {"name": "merge", "label": "fused", "options": {"fuse": True}}]
+    config = load_config(write_config(tmp_path, raw))
+    grid = prepare_grid(pipe, config)
+    ids = {job.method.label: grid.job_id(config, job) for job in grid.jobs if job.lora_set == "cat"}
+    assert ids["merge"] == ids["stated"] != ids["fused"]  # the same run, whether the default is written out or not
+
+
 def test_judged_rows_say_which_concepts_are_drawn_and_where(tmp_path):
     """The toy-world preset's judge on two seeds of one method: rows carry presence and placement."""
     rows = run_eval("toyworld", tmp_path / "out", seeds=1)
