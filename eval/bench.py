@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from compose.errors import ComposeError
+from compose.loading import resolve_loras
 from compose.methods import METHODS
 from compose.saving import save_lora
 from compose.spec import LoraSpec
@@ -42,6 +43,10 @@ class BenchRow:
     error: str | None = None
 
 
+def _side_by_side(index: int, count: int) -> tuple[float, float, float, float]:
+    return (0.0, index / count, 1.0, (index + 1) / count)
+
+
 def bench_loras(pipe, count: int, folder: Path) -> list[LoraSpec]:
     """Random LoRAs with triggers, concept words and side-by-side boxes, so every method can run."""
     specs = []
@@ -50,21 +55,38 @@ def bench_loras(pipe, count: int, folder: Path) -> list[LoraSpec]:
             folder / f"lora{index}.safetensors", random_lora_layers(pipe, seed=index + 1), 4, 4.0,
             trigger=TRIGGERS[index], concept=CONCEPTS[index],
         )  # fmt: skip
-        box = (0.0, index / count, 1.0, (index + 1) / count)
-        specs.append(LoraSpec(path, trigger=TRIGGERS[index], concept=CONCEPTS[index], region=box))
+        specs.append(LoraSpec(path, trigger=TRIGGERS[index], concept=CONCEPTS[index], region=_side_by_side(index, count)))
     return specs
 
 
-def bench_prompt(count: int) -> str:
-    return " and ".join(f"a {TRIGGERS[i]} {CONCEPTS[i]}" for i in range(count))
+def file_loras(pipe, files: list[str]) -> list[LoraSpec]:
+    """The user's LoRA files, side by side, with the trigger and concept words their metadata holds."""
+    resolved = resolve_loras(pipe, [LoraSpec(file) for file in files])
+    return [
+        LoraSpec(lora.path, trigger=lora.trigger, concept=lora.concept, region=_side_by_side(index, len(files)))
+        for index, lora in enumerate(resolved)
+    ]
 
 
-def run_benchmark(pipe, methods, counts, steps=10, repeats=3, size=None, options=None) -> list[BenchRow]:
+def bench_prompt(specs: list[LoraSpec]) -> str:
+    """ "a sks cat and a zwx dog": every LoRA's trigger on its concept word."""
+    missing = [str(spec.source) for spec in specs if not (spec.trigger and spec.concept)]
+    if missing:
+        raise ComposeError(f"LoRA {missing[0]} has no trigger or concept word in its metadata; pass --prompt")
+    return " and ".join(f"a {spec.trigger} {spec.concept}" for spec in specs)
+
+
+def run_benchmark(
+    pipe, methods, counts, steps=10, repeats=3, size=None, options=None, files=None, prompt=None
+) -> list[BenchRow]:
+    """files: LoRA files to time (N uses the first N) instead of random ones; prompt: one prompt for every N."""
     options = options or {}
-    if max(counts) > len(TRIGGERS) or min(counts) < 1:
-        raise ComposeError(f"--num-loras must be between 1 and {len(TRIGGERS)}")
+    most = len(files) if files else len(TRIGGERS)
+    if max(counts) > most or min(counts) < 1:
+        raise ComposeError(f"--num-loras must be between 1 and {most}")
     with tempfile.TemporaryDirectory() as tmp:
-        specs = bench_loras(pipe, max(counts), Path(tmp))
+        specs = file_loras(pipe, files) if files else bench_loras(pipe, max(counts), Path(tmp))
+        prompts = {count: prompt or bench_prompt(specs[:count]) for count in [*counts, 1]}
         configs = [("single", 1)] + [(m, n) for n in counts for m in methods]
 
         def once(method, count):
@@ -72,7 +94,7 @@ def run_benchmark(pipe, methods, counts, steps=10, repeats=3, size=None, options
             with PeakMemory() as peak:
                 start = time.perf_counter()
                 out = pipe(
-                    bench_prompt(count), loras=specs[:count], method=name, method_options=options.get(name),
+                    prompts[count], loras=specs[:count], method=name, method_options=options.get(name),
                     num_inference_steps=steps, height=size, width=size, generator=torch.Generator().manual_seed(0),
                     output_type="np",
                 )  # fmt: skip
@@ -130,7 +152,9 @@ def run(args) -> int:
         method, _, assignment = text.partition(":")
         key, _, value = assignment.partition("=")
         options.setdefault(method, {})[key] = json.loads(value)
-    rows = run_benchmark(pipe, args.methods, args.num_loras, args.steps, args.repeats, args.size, options)
+    rows = run_benchmark(
+        pipe, args.methods, args.num_loras, args.steps, args.repeats, args.size, options, args.lora, args.prompt
+    )
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2))
@@ -148,4 +172,8 @@ def register(subparsers) -> None:
     parser.add_argument("--size", type=int, help="image size in pixels (default: the model's)")
     parser.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE")
     parser.add_argument("--json", help="also save the rows as JSON here")
+    parser.add_argument(
+        "--lora", action="append", metavar="FILE", help="time these LoRA files (N uses the first N) instead of random ones"
+    )
+    parser.add_argument("--prompt", help="with --lora: the prompt (default: each LoRA's trigger and concept word)")
     parser.set_defaults(run=run)

@@ -1,0 +1,28 @@
+"""The benchmark on the user's own LoRA files: side by side with single-LoRA generation, prompts from metadata."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from compose.errors import ComposeError
+from eval.bench import run_benchmark
+
+
+def test_benchmark_times_given_files_against_the_first_alone(pipe, loras):
+    rows = run_benchmark(pipe, ["merge", "composite"], [1, 2], steps=2, repeats=1, files=[loras["cat"], loras["dog"]])
+    table = {(row.method, row.num_loras): row for row in rows}
+    assert list(table) == [("single", 1), ("merge", 1), ("composite", 1), ("merge", 2), ("composite", 2)]
+    assert table[("single", 1)].ratio == 1.0 and all(math.isfinite(row.ratio) and row.error is None for row in rows)
+    assert (table[("composite", 2)].unet_calls, table[("composite", 2)].unet_passes) == (2, 4)
+
+
+def test_files_without_concept_words_need_a_prompt(pipe, loras):
+    files = [loras["te_kohya"]]  # trigger sks in its metadata, no concept word
+    with pytest.raises(ComposeError, match="--prompt"):
+        run_benchmark(pipe, ["merge"], [1], steps=1, repeats=1, files=files)
+    [single, merge] = run_benchmark(pipe, ["merge"], [1], steps=1, repeats=1, files=files, prompt="a sks cat")
+    assert merge.error is None and single.unet_calls == 1
+    with pytest.raises(ComposeError, match="between 1 and 1"):
+        run_benchmark(pipe, ["merge"], [2], steps=1, repeats=1, files=files, prompt="a sks cat")
