@@ -60,17 +60,7 @@ def tiny_pipeline(seed: int = 0) -> MultiLoraStableDiffusionPipeline:
     """Random weights, 64 px images, 32x32 latents, cross-attention width 32."""
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=32,
-    )
+    unet = tiny_unet(cross_attention_dim=32, norm_num_groups=32)
     vae = tiny_vae()
     text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
     scheduler = DPMSolverMultistepScheduler(
@@ -85,6 +75,20 @@ def tiny_pipeline(seed: int = 0) -> MultiLoraStableDiffusionPipeline:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def tiny_unet(**settings) -> UNet2DConditionModel:
+    """Two levels, cross-attention at the coarse one only: 32x32 latents; `settings` add the rest."""
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **settings,
     )
 
 
@@ -123,14 +127,7 @@ def tiny_sdxl_pipeline(seed: int = 0) -> MultiLoraStableDiffusionXLPipeline:
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
     tokenizer_2 = tiny_tokenizer(pad_token="!")
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = tiny_unet(
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",

@@ -60,20 +60,20 @@ def pipe():
 
 @pytest.fixture(scope="session")
 def loras(lora_dir):
-    """Three UNet LoRAs (triggers sks/zwx/vrn) and one with a text-encoder part, diffusers layout."""
-    reference = tiny_pipeline(seed=0)
-    files = {
-        "cat": write_random_lora(reference, lora_dir / "cat.safetensors", 1, trigger="sks", concept="cat"),
-        "dog": write_random_lora(reference, lora_dir / "dog.safetensors", 2, trigger="zwx", concept="dog"),
-        "car": write_random_lora(reference, lora_dir / "car.safetensors", 3, trigger="vrn", concept="car"),
-        "te": write_random_lora(
-            reference, lora_dir / "te.safetensors", 4, text_encoder=True, trigger="sks", concept="cat"
-        ),
+    return write_test_loras(tiny_pipeline(seed=0), lora_dir)
+
+
+def write_test_loras(reference, folder) -> dict:
+    """Three UNet LoRAs (triggers sks/zwx/vrn) and one with a text-encoder part in diffusers and kohya layout."""
+    return {
+        "cat": write_random_lora(reference, folder / "cat.safetensors", 1, trigger="sks", concept="cat"),
+        "dog": write_random_lora(reference, folder / "dog.safetensors", 2, trigger="zwx", concept="dog"),
+        "car": write_random_lora(reference, folder / "car.safetensors", 3, trigger="vrn", concept="car"),
+        "te": write_random_lora(reference, folder / "te.safetensors", 4, text_encoder=True, trigger="sks", concept="cat"),
         "te_kohya": write_random_lora(
-            reference, lora_dir / "te_kohya.safetensors", 4, text_encoder=True, fmt="kohya", trigger="sks"
+            reference, folder / "te_kohya.safetensors", 4, text_encoder=True, fmt="kohya", trigger="sks"
         ),
     }
-    return files
 
 
 def generator(seed: int = 0) -> torch.Generator:

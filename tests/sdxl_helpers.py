@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.tiny import tiny_sdxl_pipeline, write_random_lora
+from pipelines.tiny import tiny_sdxl_pipeline
+from tests.conftest import write_test_loras
 
 
 @pytest.fixture()
@@ -22,16 +23,4 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sdxl_loras")
-    reference = tiny_sdxl_pipeline(seed=0)
-    return {
-        "cat": write_random_lora(reference, folder / "cat.safetensors", 1, trigger="sks", concept="cat"),
-        "dog": write_random_lora(reference, folder / "dog.safetensors", 2, trigger="zwx", concept="dog"),
-        "car": write_random_lora(reference, folder / "car.safetensors", 3, trigger="vrn", concept="car"),
-        "te": write_random_lora(
-            reference, folder / "te.safetensors", 4, text_encoder=True, trigger="sks", concept="cat"
-        ),
-        "te_kohya": write_random_lora(
-            reference, folder / "te_kohya.safetensors", 4, text_encoder=True, fmt="kohya", trigger="sks"
-        ),
-    }
+    return write_test_loras(tiny_sdxl_pipeline(seed=0), tmp_path_factory.mktemp("sdxl_loras"))
