@@ -391,7 +391,9 @@ def prepare_grid(pipe, config: EvalConfig) -> PreparedGrid:
             continue
         checked.add(key)
         try:
-            build_method(job.method.name, job.method.options).check(pipe, job.prompt, loras[job.lora_set])
+            method = build_method(job.method.name, job.method.options)
+            method.check(pipe, job.prompt, loras[job.lora_set])
+            method.check_size(pipe, loras[job.lora_set], config.height, config.width)
         except ComposeError as error:
             own = config.set_prompts.get(job.lora_set)
             where = f"lora_sets.{job.lora_set}.prompts" if own else "prompts"

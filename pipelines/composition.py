@@ -57,6 +57,7 @@ class MultiLoraPipelineMixin:
         composer = build_method(method, method_options)
         resolved = resolve_loras(self, loras)
         composer.check(self, prompt, resolved)
+        composer.check_size(self, resolved, height, width)
 
         models = (self.unet, *text_encoders(self))
         processors = dict(self.unet.attn_processors)

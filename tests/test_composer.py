@@ -37,6 +37,7 @@ from compose.region_guidance import (
     reinitialize_latents,
 )
 from compose.regions import Box, region_mask
+from pipelines import composition
 from tests.conftest import PROMPT, generator
 
 CROSS = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"  # first cross-attention layer run
@@ -328,7 +329,8 @@ def test_mask_images_work_as_regions_and_the_call_restores_the_pipeline(pipe, lo
         (lambda l: [LoraSpec(l["cat"], region=LEFT)], {"step_size": -1}, InvalidOptionError),
     ],
 )
-def test_bad_input_raises_before_any_unet_forward(pipe, loras, specs, options, error):
+def test_bad_input_raises_before_any_unet_forward(pipe, loras, specs, options, error, monkeypatch):
+    monkeypatch.setattr(composition, "load_adapters", lambda *a: pytest.fail("a LoRA was loaded"))
     calls = []
     pipe.unet.register_forward_pre_hook(lambda *args: calls.append(1))
     processors = {name: type(p) for name, p in pipe.unet.attn_processors.items()}

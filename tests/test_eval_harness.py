@@ -195,6 +195,10 @@ BAD_CONFIGS = {
     "set without prompts": (lambda c, t: c.pop("prompts"), "prompts"),
     "unknown set field": (lambda c, t: c["lora_sets"].update(dog={"loras": [], "prompt": "x"}), "lora_sets.dog.prompt"),
     "unknown judge": (lambda c, t: c.update(judge="eyes"), "judge"),
+    "box under a pixel of the map grid": (
+        lambda c, t: (c["methods"].append("composer"), c["lora_sets"]["cat"][0].update(region=[0, 0, 1, 0.02])),
+        "prompts[0]",
+    ),
     "judge cannot read the size": (lambda c, t: c.update(judge="toyworld", size=64), "lora_sets.cat"),
     "judge does not know the concept": (
         lambda c, t: (c.update(judge="toyworld"), c["lora_sets"]["cat"][0].update(trigger="bob")), "lora_sets.cat"

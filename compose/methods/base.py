@@ -34,6 +34,9 @@ class CompositionMethod:
     def __init__(self, options: Any = None):
         self.options = parse_options(self.options_class, options, self.name)
 
+    def check_size(self, pipe, loras: list[ResolvedLora], height: int, width: int) -> None:
+        """Checks that need the image size in pixels; like `check`, they run before any LoRA loads."""
+
     def check(self, pipe, prompt: str, loras: list[ResolvedLora]) -> None:
         if self.needs_triggers:
             for lora in loras:

@@ -120,12 +120,17 @@ class ComposerMethod(CompositionMethod):
         if all(lora.adapter == background for lora in loras):
             raise InvalidOptionError("composer needs at least one LoRA with a region")
 
+    def check_size(self, pipe, loras, height, width):
+        """Every box must cover at least one pixel of the coarsest attention grid."""
+        latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        coarsest = layer_grid(latent_hw, max(layer.factor for layer in attention_layers(pipe.unet)))
+        for lora in loras:
+            if lora.adapter != self.options.background:
+                check_region_fits(lora.region, *coarsest, f"LoRA '{lora.adapter}'")
+
     def prepare(self, ctx):
         layers = attention_layers(ctx.unet)
-        coarsest = layer_grid(ctx.latent_hw, max(layer.factor for layer in layers))
         self._regional = [lora for lora in ctx.loras if lora.adapter != self.options.background]
-        for lora in self._regional:
-            check_region_fits(lora.region, *coarsest, f"LoRA '{lora.adapter}'")
         background = next((l for l in ctx.loras if l.adapter == self.options.background), None)
         activate(ctx.unet, {background.adapter: background.weight} if background else {})
         self._global = ctx.encode_for(background) if background else ctx.encode(ctx.prompt)
