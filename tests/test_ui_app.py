@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -268,6 +269,12 @@ def test_ui_command_line(tmp_path):
     assert (args.run, args.model, [str(d) for d in args.lora_dir], args.host, args.port) == (
         cli.run, "tiny", ["a", "b"], "127.0.0.1", 7999,
     )  # fmt: skip
+    assert cli.lora_folders(args) == [Path("a"), Path("b")]
+    assert cli.lora_folders(build_parser("ui").parse_args(["ui", "--model", "tiny"])) == []
+    import toyworld
+
+    on_toy = build_parser("ui").parse_args(["ui", "--model", str(toyworld.default_model_path())])
+    assert cli.lora_folders(on_toy) == [toyworld.default_lora_path()]
 
 
 def test_upload_handler_adds_the_lora_to_the_choices(library, pipe, loras, tmp_path):

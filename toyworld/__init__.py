@@ -13,6 +13,11 @@ def default_model_path() -> Path:
     return PACKAGE_DIR / "model"
 
 
+def default_lora_path() -> Path:
+    """Folder of the shipped concept LoRAs (plain `<trigger>.safetensors` and `<trigger>_tara.safetensors`)."""
+    return PACKAGE_DIR / "loras"
+
+
 def default_clip_path() -> Path:
     """Folder for `transformers.CLIPModel.from_pretrained`: a toy CLIP for scoring toy images."""
     return PACKAGE_DIR / "clip"

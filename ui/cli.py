@@ -21,17 +21,26 @@ def run(args) -> int:
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     limit = args.max_upload_mb * 2**20
-    library = LoraLibrary(args.lora_dir, args.upload_dir, pipe=pipe, upload_limit=limit)
+    library = LoraLibrary(lora_folders(args), args.upload_dir, pipe=pipe, upload_limit=limit)
     print(f"{len(library.entries)} LoRAs from {', '.join(map(str, library.folders)) or 'no folder'}; uploads go to {library.upload_dir}")
     app = build_app(pipe, library, pipe.model_name)
     app.launch(server_name=args.host, server_port=args.port, max_file_size=limit, show_error=True)
     return 0
 
 
+def lora_folders(args) -> list[Path]:
+    """The --lora-dir folders; without any, on the built-in toy model, its shipped concept LoRAs."""
+    if args.lora_dir:
+        return args.lora_dir
+    from toyworld import default_lora_path, default_model_path
+
+    return [default_lora_path()] if Path(args.model) == default_model_path() else []
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("ui", help="serve the web UI")
     parser.add_argument("--model", default=default_model(), help="diffusers folder or 'tiny' (default: %(default)s)")
-    parser.add_argument("--lora-dir", action="append", default=[], type=Path, help="folder of .safetensors LoRAs; repeat")
+    parser.add_argument("--lora-dir", action="append", default=[], type=Path, help="folder of .safetensors LoRAs; repeat (default on the built-in model: its concept LoRAs)")
     parser.add_argument("--upload-dir", type=Path, default=DEFAULT_UPLOAD_DIR, help="private folder for uploads")
     parser.add_argument("--max-upload-mb", type=int, default=DEFAULT_UPLOAD_LIMIT // 2**20)
     parser.add_argument("--host", default="127.0.0.1")

@@ -6,7 +6,7 @@ from compose.loading import resolve_loras
 from pipelines.loading import load_pipeline
 from toyworld.train_loras import CLASS_WORDS, VARIANTS, concept_rate, generate, lora_file, measure_prompt
 
-LORAS = toyworld.default_model_path().parent / "loras"
+LORAS = toyworld.default_lora_path()
 SEEDS = range(6)
 # Measured on 16 seeds (toyworld/loras/RECIPE.md): 94-100% with each LoRA under its method, 0% without.
 # A gain of half the seeds leaves a wide margin for the 6-seed sample.
