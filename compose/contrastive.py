@@ -64,11 +64,18 @@ def sample_labels(concept_tokens: list[list[list[int]]]) -> torch.Tensor:
     return torch.tensor([concept for _, concept, _ in _token_samples(concept_tokens)], dtype=torch.long)
 
 
-def separation(loss: float, labels: torch.Tensor, tau: float = 0.5) -> float:
-    """Where `loss` lies between maps that all coincide (0) and each concept's maps identical and
-    disjoint from the others' (1): a scale-free reading of the loss, whatever the number of maps."""
+def loss_bounds(labels: torch.Tensor, tau: float = 0.5) -> tuple[float, float]:
+    """The loss when all maps coincide and when each concept's maps are identical and disjoint from the
+    others'; they depend only on the labels, so a method computes them once per call."""
     coinciding = nt_xent_loss(torch.ones(len(labels), 1), labels, tau).item()
     disjoint = nt_xent_loss(F.one_hot(labels).float(), labels, tau).item()
+    return coinciding, disjoint
+
+
+def separation(loss: float, bounds: tuple[float, float]) -> float:
+    """Where `loss` lies between coinciding maps (0) and disjoint ones (1), `bounds` from loss_bounds:
+    a scale-free reading of the loss, whatever the number of maps."""
+    coinciding, disjoint = bounds
     if coinciding <= disjoint:  # one concept: nothing to separate
         return 1.0
     return (coinciding - loss) / (coinciding - disjoint)

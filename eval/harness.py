@@ -1,7 +1,8 @@
 """`loracompose eval CONFIG`: generate a grid of images with several methods, score them, log one row each.
 
 The grid is prompt x LoRA set x method x seed; a LoRA set may bring its own prompts and a method may
-run on some sets only (the toy-world preset pairs TARA-trained files with the `tara` method). Every row is appended to a JSON-lines file right
+run on some sets only (the toy-world preset pairs TARA-trained files with the `tara` method).
+Every row is appended to a JSON-lines file right
 after its image is written, so a killed run rerun with the same command skips the finished rows.
 Under `accelerate launch --num_processes K` each process takes a contiguous slice of the pending
 rows and writes its own shard file; the main process merges them in grid order at the end.
@@ -380,7 +381,7 @@ def prepare_grid(pipe, config: EvalConfig) -> PreparedGrid:
             raise EvalConfigError(f"lora_sets.{set_name}", str(error)) from error
         if config.judge:
             try:
-                importlib.import_module(JUDGES[config.judge]).check_composition(loras[set_name], config.height, config.width)
+                judge_module(config.judge).check_composition(loras[set_name], config.height, config.width)
             except ValueError as error:
                 raise EvalConfigError(f"lora_sets.{set_name}", f"judge '{config.judge}': {error}") from error
     jobs = expand_grid(config)
@@ -502,7 +503,7 @@ def run_job(pipe, scorer: CLIPScorer, config: EvalConfig, grid: PreparedGrid, jo
     start = time.perf_counter()
     scores = scorer.score_composition(image, job.prompt, grid.loras[job.lora_set])
     loras = grid.loras[job.lora_set]
-    judged = judge_scores(config.judge, image, loras) if config.judge else {}
+    judged = judge_module(config.judge).composition_scores(image, loras) if config.judge else {}
     return {
         "id": job_id,
         "prompt": job.prompt,
@@ -531,9 +532,9 @@ def run_job(pipe, scorer: CLIPScorer, config: EvalConfig, grid: PreparedGrid, jo
     }  # fmt: skip
 
 
-def judge_scores(name: str, image, loras: list[ResolvedLora]) -> dict[str, Any]:
-    """Row fields from a ground-truth judge (which concepts are drawn, and where)."""
-    return importlib.import_module(JUDGES[name]).composition_scores(image, loras)
+def judge_module(name: str):
+    """The module of a ground-truth judge, imported only when a config names it."""
+    return importlib.import_module(JUDGES[name])
 
 
 def run_eval(

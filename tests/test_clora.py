@@ -19,7 +19,14 @@ from compose.concept_prompts import (
     remove_words,
 )
 from compose.context import DenoiseContext
-from compose.contrastive import concept_token_loss, minmax_normalize, nt_xent_loss, sample_labels, separation
+from compose.contrastive import (
+    concept_token_loss,
+    loss_bounds,
+    minmax_normalize,
+    nt_xent_loss,
+    sample_labels,
+    separation,
+)
 from compose.errors import InvalidOptionError
 from compose.tokens import token_positions
 from compose.masks import attention_masks, dilate, erode, fuse_noise_predictions, morph, threshold_mask
@@ -95,8 +102,8 @@ def test_separation_reads_the_loss_between_coinciding_and_disjoint_maps():
     apart[:, 2:, :, [2, 3]] = 1.0
     for maps, expected in ((same, 0.0), (apart, 1.0)):
         loss = concept_token_loss(maps, tokens).item()
-        assert separation(loss, labels) == pytest.approx(expected, abs=1e-6)
-    assert separation(0.0, torch.zeros(3, dtype=torch.long)) == 1.0  # one concept: nothing to separate
+        assert separation(loss, loss_bounds(labels)) == pytest.approx(expected, abs=1e-6)
+    assert separation(0.0, loss_bounds(torch.zeros(3, dtype=torch.long))) == 1.0  # one concept: nothing to separate
 
 
 # --- masks and fusion -------------------------------------------------------------------------

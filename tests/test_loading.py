@@ -94,19 +94,21 @@ def test_no_lora_keys(pipe, tmp_path):
         resolve_loras(pipe, [path])
 
 
-def test_wrong_shapes_look_like_another_model(pipe, tmp_path):
-    path = tmp_path / "sdxl_like.safetensors"
-    module = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
-    save_file({f"{module}.lora_A.weight": torch.zeros(4, 2048), f"{module}.lora_B.weight": torch.zeros(64, 4)}, str(path))
-    with pytest.raises(IncompatibleLoraError, match="SDXL"):
-        resolve_loras(pipe, [path])
+SDXL_TO_K = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"  # wrong shapes for this model
+SGM_TO_K = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"  # layers this model does not have
 
 
-def test_missing_layers_look_like_another_model(pipe, tmp_path):
-    path = tmp_path / "sgm.safetensors"
-    stem = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
-    save_file({f"{stem}.lora_down.weight": torch.zeros(4, 2048), f"{stem}.lora_up.weight": torch.zeros(640, 4)}, str(path))
-    with pytest.raises(IncompatibleLoraError, match="do not exist"):
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        ({f"{SDXL_TO_K}.lora_A.weight": (4, 2048), f"{SDXL_TO_K}.lora_B.weight": (64, 4)}, "SDXL"),
+        ({f"{SGM_TO_K}.lora_down.weight": (4, 2048), f"{SGM_TO_K}.lora_up.weight": (640, 4)}, "do not exist"),
+    ],
+)
+def test_loras_for_another_model_are_named_so(pipe, tmp_path, tensors, message):
+    path = tmp_path / "other.safetensors"
+    save_file({key: torch.zeros(shape) for key, shape in tensors.items()}, str(path))
+    with pytest.raises(IncompatibleLoraError, match=message):
         resolve_loras(pipe, [path])
 
 

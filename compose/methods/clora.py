@@ -19,7 +19,7 @@ from ..attention.regions import ForwardTruncated
 from ..attention.layers import attention_layers, install_processors, layer_grid, layers_near_factor
 from ..concept_prompts import Concept, ConceptError, MissingConceptError, concept_prompts, infer_concept
 from ..context import Pass
-from ..contrastive import concept_token_loss, sample_labels, separation
+from ..contrastive import concept_token_loss, loss_bounds, sample_labels, separation
 from ..errors import InvalidOptionError
 from ..lora_delta import lora_delta
 from ..masks import MORPHOLOGY, attention_masks, fuse_noise_predictions
@@ -151,7 +151,7 @@ class CloraMethod(CompositionMethod):
         self.update_until = step_index(self.options.max_iter_to_alter, steps)
         self.refine_at = {step_index(s, steps) for s in self.options.refinement_steps}
         self.mask_from = step_index(self.options.apply_mask_after, steps)
-        self.labels = sample_labels(self.plan.concept_tokens)
+        self.bounds = loss_bounds(sample_labels(self.plan.concept_tokens), self.options.tau)
         self.separation = None  # of the latest maps; None before the first forward
         ctx.outputs.update(
             prompts=list(self.plan.prompts), pass_adapters=[p.adapter for p in self.passes], losses=[], separations=[]
@@ -166,7 +166,7 @@ class CloraMethod(CompositionMethod):
                     break
                 latents, pairs, loss = self._update_latents(ctx, latents, t)
                 losses.append(loss)
-                self.separation = separation(loss / latents.shape[0], self.labels, self.options.tau)
+                self.separation = separation(loss / latents.shape[0], self.bounds)
         if pairs is None:
             pairs = ctx.predict(latents, t, self.passes)
         maps = self._maps(latents.shape[0], 2 if ctx.do_cfg else 1)
@@ -192,7 +192,7 @@ class CloraMethod(CompositionMethod):
         """Separation of the concept maps (K, images, h, w, T), from the loss averaged over images as in updates."""
         tokens, tau = self.plan.concept_tokens, self.options.tau
         loss = sum(float(concept_token_loss(image_maps, tokens, tau)) for image_maps in maps.unbind(1))
-        return separation(loss / maps.shape[1], self.labels, tau)
+        return separation(loss / maps.shape[1], self.bounds)
 
     def _update_latents(self, ctx, latents, t):
         """One gradient step on the contrastive loss: (new latents, predictions or None, loss).
