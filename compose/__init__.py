@@ -1,6 +1,7 @@
 """Multi-LoRA composition for diffusers: specs, loading, and the composition methods."""
 
 from .errors import (
+    ChangedLoraError,
     ComposeError,
     CorruptLoraFileError,
     DuplicateLoraNameError,
@@ -10,8 +11,10 @@ from .errors import (
     InvalidWeightError,
     LoraFileNotFoundError,
     NoLoraKeysError,
+    NonFiniteLoraError,
     NotSafetensorsError,
     TriggerNotInPromptError,
+    TruncatedLoraFileError,
     UnknownMethodError,
     UnsupportedArgumentError,
 )
@@ -21,6 +24,7 @@ from .spec import LoraSpec
 
 __all__ = [
     "Box",
+    "ChangedLoraError",
     "ComposeError",
     "CorruptLoraFileError",
     "DuplicateLoraNameError",
@@ -32,8 +36,10 @@ __all__ = [
     "LoraSpec",
     "METHODS",
     "NoLoraKeysError",
+    "NonFiniteLoraError",
     "NotSafetensorsError",
     "TriggerNotInPromptError",
+    "TruncatedLoraFileError",
     "UnknownMethodError",
     "UnsupportedArgumentError",
     "build_method",

@@ -20,6 +20,14 @@ class CorruptLoraFileError(ComposeError):
     """The safetensors header cannot be parsed."""
 
 
+class TruncatedLoraFileError(CorruptLoraFileError):
+    """The file ends before the tensor data its header describes (e.g. a half-finished download)."""
+
+
+class NonFiniteLoraError(CorruptLoraFileError):
+    """A tensor of the file holds NaN or infinity, which turns every image it touches black."""
+
+
 class NoLoraKeysError(ComposeError):
     """The file holds tensors but none of them is a LoRA weight in a known format."""
 
@@ -29,7 +37,11 @@ class IncompatibleLoraError(ComposeError):
 
 
 class DuplicateLoraNameError(ComposeError):
-    """Two LoRAs in one call resolve to the same adapter name."""
+    """Two LoRAs in one call were given the same adapter name."""
+
+
+class ChangedLoraError(ComposeError):
+    """A LoRA file's contents differ from the ones a recipe recorded (its sha256), so the image would differ."""
 
 
 class TriggerNotInPromptError(ComposeError):

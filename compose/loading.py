@@ -1,7 +1,8 @@
 """Find, check and load LoRA files as named adapters of a pipeline.
 
-Every check runs on the safetensors header and the model's layer shapes, before any tensor is
-loaded and before any denoising: a user sees one clear error naming the file and the fix.
+Every check runs before any denoising, on the safetensors header, the file's length, the model's
+layer shapes and (once per file contents) the tensor values: a user sees one clear error naming
+the file and the fix.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import torch
+from safetensors import safe_open
 from torch import nn
 
 from .errors import (
@@ -26,7 +29,9 @@ from .errors import (
     IncompatibleLoraError,
     LoraFileNotFoundError,
     NoLoraKeysError,
+    NonFiniteLoraError,
     NotSafetensorsError,
+    TruncatedLoraFileError,
 )
 from .spec import LoraSpec, ResolvedLora
 from .unet_names import original_to_diffusers_key
@@ -143,7 +148,25 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
     if not isinstance(header, dict):
         raise CorruptLoraFileError(f"{path} has a corrupt safetensors header; download it again")
     metadata = header.pop("__metadata__", None) or {}
+    check_data_length(path, header, path.stat().st_size - 8 - size)
     return header, {str(k): str(v) for k, v in metadata.items()}
+
+
+def check_data_length(path: Path, header: dict[str, dict], data_bytes: int) -> None:
+    """The header's tensor offsets must lie inside the file: a download cut short passes the header check
+    and would fail only when the weights load, far from any message about the file."""
+    ends = []
+    for key, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise CorruptLoraFileError(f"{path}: tensor {key} has no valid data offsets; the file is damaged, get it again")
+        ends.append(offsets[1])
+    needed = max(ends, default=0)
+    if data_bytes < needed:
+        raise TruncatedLoraFileError(
+            f"{path} looks truncated (a download cut short?): its header describes {needed} bytes of tensor data "
+            f"but the file holds {data_bytes}; download it again"
+        )
 
 
 def inspect_lora_file(path: Path) -> LoraFileInfo:
@@ -304,6 +327,7 @@ def trigger_from_metadata(metadata: dict[str, str]) -> str | None:
 
 
 _sha_cache: dict[tuple[str, int, int], str] = {}
+_finite_hashes: set[str] = set()
 
 
 def file_sha256(path: Path) -> str:
@@ -319,24 +343,69 @@ def file_sha256(path: Path) -> str:
     return _sha_cache[key]
 
 
+def check_finite_values(path: Path, sha256: str) -> None:
+    """NaN or infinity in a LoRA turns every image black without an error; checked once per file contents."""
+    if sha256 in _finite_hashes:
+        return
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            if not torch.isfinite(handle.get_tensor(key)).all():
+                raise NonFiniteLoraError(
+                    f"{path}: tensor {key} holds NaN or infinite values, which would make black images; "
+                    "the file is damaged or was saved from a diverged training run: use another file"
+                )
+    _finite_hashes.add(sha256)
+
+
+def default_adapter_name(source: str | Path, path: Path) -> str:
+    """The file's stem; diffusers' `save_lora_weights` names every file alike, so those take their folder's
+    (or hub repository's) name."""
+    if path.name != PREFERRED_WEIGHT_NAME:
+        return re.sub(r"\W", "_", path.stem)
+    given = Path(str(source)).name
+    return re.sub(r"\W", "_", given if given and given != path.name else path.absolute().parent.name)
+
+
+def adapter_names(specs: list[LoraSpec], paths: list[Path]) -> list[str]:
+    """One adapter name per LoRA: its own `name`, else `default_adapter_name` made unique with _2, _3, ...
+
+    Names a user chose are never changed, so two LoRAs given the same one are refused.
+    """
+    given = [spec.name for spec in specs if spec.name]
+    repeated = next((name for name in given if given.count(name) > 1), None)
+    if repeated:
+        raise DuplicateLoraNameError(
+            f"two LoRAs are both named '{repeated}'; give them distinct names with LoraSpec(name=...) "
+            "(on the command line --lora FILE@NAME)"
+        )
+    taken, names = set(given), []
+    for spec, path in zip(specs, paths):
+        name = spec.name
+        if not name:
+            base = name = default_adapter_name(spec.source, path)
+            number = 2
+            while name in taken:
+                name, number = f"{base}_{number}", number + 1
+            taken.add(name)
+        names.append(name)
+    return names
+
+
 def resolve_loras(pipe, specs: Iterable[LoraSpec | str | Path]) -> list[ResolvedLora]:
     """Find, check and hash every LoRA of a call; nothing is loaded into the model yet."""
+    specs = [spec if isinstance(spec, LoraSpec) else LoraSpec(spec) for spec in specs]
+    paths = [resolve_source(spec.source) for spec in specs]
     resolved: list[ResolvedLora] = []
-    for spec in specs:
-        spec = spec if isinstance(spec, LoraSpec) else LoraSpec(spec)
-        path = resolve_source(spec.source)
+    for spec, path, adapter in zip(specs, paths, adapter_names(specs, paths)):
         info = inspect_lora_file(path)
         check_compatible(info, pipe)
-        adapter = spec.name or re.sub(r"\W", "_", path.stem)
-        if any(other.adapter == adapter for other in resolved):
-            raise DuplicateLoraNameError(
-                f"two LoRAs are both named '{adapter}' ({path}); give them distinct names with LoraSpec(name=...)"
-            )
+        sha256 = file_sha256(path)
+        check_finite_values(path, sha256)
         resolved.append(
             ResolvedLora(
                 spec=spec,
                 path=path,
-                sha256=file_sha256(path),
+                sha256=sha256,
                 adapter=adapter,
                 trigger=spec.trigger or trigger_from_metadata(info.metadata),
                 concept=spec.concept or info.metadata.get(CONCEPT_KEY) or None,

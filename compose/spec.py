@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidWeightError
 from .regions import Box, as_region
+
+
+USUAL_WEIGHT_LIMIT = 10.0  # LoRA weights are mostly within -2..2; beyond this one overwhelms the model
 
 
 @dataclass
@@ -36,6 +41,12 @@ class LoraSpec:
                 f"LoRA {self.source}: weight {self.weight!r} is not a finite number; pass e.g. weight=0.8"
             )
         self.weight = float(self.weight)
+        if abs(self.weight) > USUAL_WEIGHT_LIMIT:
+            warnings.warn(
+                f"LoRA {self.source}: weight {self.weight:g} is far outside the usual range "
+                f"(-{USUAL_WEIGHT_LIMIT:g} to {USUAL_WEIGHT_LIMIT:g}); the image will likely be noise",
+                stacklevel=3,
+            )
         self.region = as_region(self.region)
 
     @classmethod
@@ -46,11 +57,14 @@ class LoraSpec:
 
     @classmethod
     def parse(cls, text: str) -> "LoraSpec":
-        """Parse the command-line form ``FILE[:WEIGHT]``."""
-        source, sep, weight = text.rpartition(":")
+        """Parse the command-line form ``FILE[:WEIGHT][@NAME]`` (a name tells apart files of one name)."""
+        rest, sep, name = text.rpartition("@")
+        if not (sep and rest and re.fullmatch(r"\w[\w-]*", name)):
+            rest, name = text, None
+        source, sep, weight = rest.rpartition(":")
         if sep and source and _is_number(weight):
-            return cls(source, float(weight))
-        return cls(text)
+            return cls(source, float(weight), name=name)
+        return cls(rest, name=name)
 
 
 def _is_number(text: str) -> bool:

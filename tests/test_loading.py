@@ -2,6 +2,7 @@
 
 import json
 import struct
+import warnings
 
 import pytest
 import torch
@@ -16,10 +17,15 @@ from compose.errors import (
     InvalidWeightError,
     LoraFileNotFoundError,
     NoLoraKeysError,
+    NonFiniteLoraError,
     NotSafetensorsError,
+    TruncatedLoraFileError,
 )
-from compose.loading import inspect_lora_file, resolve_loras, trigger_from_metadata
+from compose.loading import PREFERRED_WEIGHT_NAME, inspect_lora_file, resolve_loras, trigger_from_metadata
+from compose.saving import save_lora
+from pipelines.tiny import random_lora_layers, write_random_lora
 from tests.conftest import PROMPT, run
+from ui.library import LoraLibrary
 
 
 def test_trigger_and_concept_read_from_metadata(pipe, loras):
@@ -112,9 +118,59 @@ def test_loras_for_another_model_are_named_so(pipe, tmp_path, tensors, message):
         resolve_loras(pipe, [path])
 
 
-def test_duplicate_names(pipe, loras):
-    with pytest.raises(DuplicateLoraNameError, match="cat"):
-        resolve_loras(pipe, [loras["cat"], LoraSpec(loras["dog"], name="cat")])
+def test_names_given_twice_are_refused(pipe, loras):
+    with pytest.raises(DuplicateLoraNameError, match="'pet'.*@NAME"):
+        resolve_loras(pipe, [LoraSpec(loras["cat"], name="pet"), LoraSpec(loras["dog"], name="pet")])
+
+
+def test_diffusers_files_of_one_name_are_named_after_their_folders(pipe, tmp_path, loras):
+    files = [
+        write_random_lora(pipe, tmp_path / folder / PREFERRED_WEIGHT_NAME, seed)
+        for folder, seed in (("cat-lora", 1), ("dog", 2), ("other/dog", 3))
+    ]
+    named = resolve_loras(pipe, [files[0], files[1].parent, files[2], LoraSpec(loras["car"], name="dog_2")])
+    assert [lora.adapter for lora in named] == ["cat_lora", "dog", "dog_3", "dog_2"]
+    out = run(pipe, "a cat", loras=files, method="composite", steps=1)
+    assert [lora.adapter for lora in out.extras["loras"]] == ["cat_lora", "dog", "dog_2"]
+
+
+def truncated_copy(source, folder):
+    """The file cut a little after its header, as a half-finished download leaves it."""
+    data = source.read_bytes()
+    (header_size,) = struct.unpack("<Q", data[:8])
+    path = folder / "cut.safetensors"
+    path.write_bytes(data[: 8 + header_size + 100])
+    return path
+
+
+def test_truncated_file_is_named_before_loading_and_in_the_ui(pipe, loras, tmp_path):
+    cut = truncated_copy(loras["cat"], tmp_path)
+    inspect_lora_file(loras["cat"])  # the whole file passes
+    with pytest.raises(TruncatedLoraFileError, match=r"cut\.safetensors looks truncated.*download it again"):
+        resolve_loras(pipe, [cut])
+    library = LoraLibrary([tmp_path], tmp_path / "uploads", pipe=pipe)
+    assert "cut" not in library.entries and "truncated" in library.skipped["cut.safetensors"]
+    with pytest.raises(TruncatedLoraFileError, match="truncated"):
+        library.add_upload(cut, "cut.safetensors")
+    assert not list((tmp_path / "uploads").iterdir())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_tensors_are_refused_naming_the_file(pipe, tmp_path, bad):
+    layers = random_lora_layers(pipe, seed=1)
+    first = next(iter(layers))
+    layers[first][1][0, 0] = bad
+    path = save_lora(tmp_path / "diverged.safetensors", layers, 4, 4.0)
+    with pytest.raises(NonFiniteLoraError, match=r"diverged\.safetensors.*NaN or infinite"):
+        run(pipe, "a cat", loras=[path], steps=1)
+
+
+def test_weights_far_outside_the_usual_range_warn(loras):
+    with pytest.warns(UserWarning, match="far outside the usual range"):
+        LoraSpec(loras["cat"], weight=1e9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LoraSpec(loras["cat"], weight=-2.0)
 
 
 @pytest.mark.parametrize("weight", [float("nan"), float("inf"), "1", True])
@@ -137,3 +193,7 @@ def test_cli_form_of_spec():
         0.5,
     )
     assert LoraSpec.parse("C:/x.safetensors").weight == 1.0
+    named = LoraSpec.parse("a/pytorch_lora_weights.safetensors:0.5@cat_2")
+    assert (named.source, named.weight, named.name) == ("a/pytorch_lora_weights.safetensors", 0.5, "cat_2")
+    assert (LoraSpec.parse("a/b.safetensors@dog").weight, LoraSpec.parse("a/b.safetensors@dog").name) == (1.0, "dog")
+    assert LoraSpec.parse("me@host/b.safetensors").name is None
