@@ -331,8 +331,9 @@ def test_text_encoder_part_is_used_for_its_own_prompt_only(pipe, loras, monkeypa
 
 def test_style_lora_rides_on_every_pass_and_is_removed_after(pipe, loras):
     specs = [loras["cat"], loras["dog"], loras["car"]]
-    plain = clora(pipe, specs[:2], options=NO_UPDATES)
-    styled = clora(pipe, specs, options=dict(NO_UPDATES, style_lora="car", style_weight=0.5))
+    prompt = "a cat and a dog, vrn style"
+    plain = clora(pipe, specs[:2], prompt, options=NO_UPDATES)
+    styled = clora(pipe, specs, prompt, options=dict(NO_UPDATES, style_lora="car", style_weight=0.5))
     assert styled.extras["pass_adapters"] == [BASE, "cat", "dog"]
     assert not torch.allclose(plain.images, styled.images, atol=1e-4)
     assert all(not layer._forward_hooks for layer in tuner_layers(pipe.unet))

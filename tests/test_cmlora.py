@@ -24,6 +24,7 @@ from compose.profiling import ProfileSettings, profile_lora_files
 from tests.conftest import run
 
 ORDER = ["car", "cat", "dog"]
+PROMPT3 = "a sks cat and a zwx dog and a vrn car"
 
 
 def three(loras):
@@ -31,9 +32,9 @@ def three(loras):
 
 
 def test_every_interval_one_with_equal_weights_is_composite(pipe, loras):
-    composite = run(pipe, loras=three(loras), method="composite", steps=2)
+    composite = run(pipe, PROMPT3, loras=three(loras), method="composite", steps=2)
     options = dict(order=ORDER, intervals=1, weighting="equal")
-    cmlora = run(pipe, loras=three(loras), method="cmlora", method_options=options, steps=2)
+    cmlora = run(pipe, PROMPT3, loras=three(loras), method="cmlora", method_options=options, steps=2)
     assert np.array_equal(cmlora.images, composite.images)
     assert (cmlora.unet_calls, cmlora.unet_passes) == (composite.unet_calls, composite.unet_passes) == (2, 6)
 
@@ -51,7 +52,7 @@ def test_one_lora_is_that_lora_alone(pipe, loras, tmp_path):
 )
 def test_unet_calls_and_passes_equal_the_schedule(pipe, loras, names, intervals, steps):
     options = dict(order=names[::-1], intervals=intervals, high_count=1)
-    out = run(pipe, loras=[loras[n] for n in names], method="cmlora", method_options=options, steps=steps)
+    out = run(pipe, PROMPT3, loras=[loras[n] for n in names], method="cmlora", method_options=options, steps=steps)
     plans = plan_steps(steps, list(range(len(names)))[::-1], 1, 0.6, intervals, (0.375, 0.875))
     assert (out.unet_calls, out.unet_passes) == predicted_unet_usage(plans)
     assert out.unet_passes < len(names) * steps  # cheaper than composite
@@ -95,16 +96,18 @@ def test_shallow_pass_on_the_same_steps_deep_feature_is_the_full_pass(pipe):
 
 def test_deep_cache_counts_full_and_shallow_passes(pipe, loras):
     options = dict(order=ORDER, cache="deep", high_count=2)
-    out = run(pipe, loras=three(loras), method="cmlora", method_options=options, steps=4)
+    out = run(pipe, PROMPT3, loras=three(loras), method="cmlora", method_options=options, steps=4)
     plans = plan_steps(4, [2, 0, 1], 2, 0.6, (2, 3, 2), (0.375, 0.875))
     assert (out.unet_calls, out.unet_passes) == predicted_unet_usage(plans)
     shallow = predicted_shallow_usage(plans, 3)
     assert (out.extras["shallow_unet_calls"], out.extras["shallow_unet_passes"]) == shallow and shallow[1] > 0
-    output = run(pipe, loras=three(loras), method="cmlora", method_options={**options, "cache": "output"}, steps=4)
+    output_cache = {**options, "cache": "output"}
+    output = run(pipe, PROMPT3, loras=three(loras), method="cmlora", method_options=output_cache, steps=4)
     assert not np.array_equal(out.images, output.images)  # cached LoRAs really ran their outer blocks again
     every_step = dict(order=ORDER, intervals=1, weighting="equal")
-    deep = run(pipe, loras=three(loras), method="cmlora", method_options={**every_step, "cache": "deep"}, steps=2)
-    composite = run(pipe, loras=three(loras), method="composite", steps=2)
+    deep_cache = {**every_step, "cache": "deep"}
+    deep = run(pipe, PROMPT3, loras=three(loras), method="cmlora", method_options=deep_cache, steps=2)
+    composite = run(pipe, PROMPT3, loras=three(loras), method="composite", steps=2)
     assert np.array_equal(deep.images, composite.images) and deep.extras["shallow_unet_passes"] == 0
 
 
@@ -138,7 +141,7 @@ def test_profile_is_deterministic_and_read_back_from_the_cache(pipe, loras, tmp_
 
 def test_automatic_order_ranks_by_the_cached_profile(pipe, loras, tmp_path):
     options = dict(profile_cache_dir=str(tmp_path), profile_steps=1)
-    out = run(pipe, loras=three(loras), method="cmlora", method_options=options, steps=2)
+    out = run(pipe, PROMPT3, loras=three(loras), method="cmlora", method_options=options, steps=2)
     profiles = profile_lora_files(pipe, three(loras), ProfileSettings(steps=1), tmp_path)
     assert all(p.cached for p in profiles)
     scores = {p.adapter: p.score for p in profiles}
@@ -208,9 +211,9 @@ def test_bad_options_are_refused(options):
 def test_order_naming_other_loras_fails_before_denoising(pipe, loras):
     calls = _forward_counter(pipe)
     with pytest.raises(InvalidOptionError, match="exactly once"):
-        run(pipe, loras=three(loras), method="cmlora", method_options=dict(order=["cat", "dog"]))
+        run(pipe, PROMPT3, loras=three(loras), method="cmlora", method_options=dict(order=["cat", "dog"]))
     with pytest.raises(InvalidOptionError, match="high_count"):
-        run(pipe, loras=three(loras), method="cmlora", method_options=dict(order=ORDER, high_count=4))
+        run(pipe, PROMPT3, loras=three(loras), method="cmlora", method_options=dict(order=ORDER, high_count=4))
     assert not calls
 
 

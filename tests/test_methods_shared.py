@@ -4,7 +4,7 @@ import pytest
 
 from compose import LoraSpec
 from compose.adapters import snapshot
-from compose.errors import ComposeError, InvalidOptionError
+from compose.errors import ComposeError, InvalidOptionError, TriggerNotInPromptError
 from compose.methods import METHODS
 from tests.conftest import PROMPT, run
 
@@ -55,3 +55,12 @@ def test_bad_input_fails_before_any_unet_call(pipe, loras, tmp_path, method):
     with pytest.raises(ComposeError):
         run(pipe, PROMPT, loras=[*two_loras(loras), tmp_path / "missing.safetensors"], method=method)
     assert calls == []
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_trigger_missing_from_the_prompt_a_lora_is_given_is_refused(pipe, loras, method):
+    """The global prompt, or a region's / LoRA's own prompt where the method uses one, must call the concept."""
+    own_prompts = [LoraSpec(spec.source, spec.weight, region=spec.region, prompt=text)
+                   for spec, text in zip(two_loras(loras), ["a cat", "a zwx dog"])]  # fmt: skip
+    with pytest.raises(TriggerNotInPromptError, match=r"LoRA 'cat' needs its trigger word 'sks'"):
+        run(pipe, "a cat and a zwx dog", loras=own_prompts, method=method, steps=1)

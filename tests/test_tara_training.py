@@ -98,8 +98,8 @@ def test_plain_training_updates_kv_at_every_token_without_alignment(pipe, tmp_pa
     assert result.align == [0.0, 0.0, 0.0]  # no class word needed: no alignment loss
     with safe_open(str(out), "pt") as handle:
         assert handle.metadata()["loracompose.method"] == "any"
-    base = run(pipe, "a photo of a dog").images
-    assert abs(run(pipe, "a photo of a dog", loras=[out], method="merge").images - base).max() > 0
+    base = run(pipe, "a photo of a sks dog").images
+    assert abs(run(pipe, "a photo of a sks dog", loras=[out], method="merge").images - base).max() > 0
 
 
 def test_training_leaves_the_pipeline_as_it_was(pipe, tmp_path):

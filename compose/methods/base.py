@@ -29,7 +29,7 @@ class CompositionMethod:
 
     name: ClassVar[str]
     options_class: ClassVar[type] = NoOptions
-    needs_triggers: ClassVar[bool] = False
+    needs_triggers: ClassVar[bool] = False  # the method finds each LoRA's trigger tokens, so each must have one
 
     def __init__(self, options: Any = None):
         self.options = parse_options(self.options_class, options, self.name)
@@ -38,14 +38,25 @@ class CompositionMethod:
         """Checks that need the image size in pixels; like `check`, they run before any LoRA loads."""
 
     def check(self, pipe, prompt: str, loras: list[ResolvedLora]) -> None:
-        if self.needs_triggers:
-            for lora in loras:
-                if not lora.trigger:
+        """A LoRA with a trigger word draws its concept only where that word is in the prompt it is given."""
+        for lora in loras:
+            if not lora.trigger:
+                if self.needs_trigger(lora):
                     raise InvalidOptionError(
                         f"method '{self.name}' needs a trigger word for LoRA '{lora.adapter}' and its file has none "
                         "in its metadata; pass LoraSpec(..., trigger='sks')"
                     )
-                require_word(pipe.tokenizer, prompt, lora.trigger, lora.adapter)
+                continue
+            text = self.trigger_prompt(prompt, lora)
+            if text is not None:
+                require_word(pipe.tokenizer, text, lora.trigger, lora.adapter)
+
+    def needs_trigger(self, lora: ResolvedLora) -> bool:
+        return self.needs_triggers
+
+    def trigger_prompt(self, prompt: str, lora: ResolvedLora) -> str | None:
+        """The prompt that must hold `lora`'s trigger; None when the method writes the trigger in itself."""
+        return prompt
 
     def prepare(self, ctx: DenoiseContext) -> None:
         pass

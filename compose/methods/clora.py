@@ -103,9 +103,15 @@ class CloraMethod(CompositionMethod):
     options_class = CloraOptions
 
     def check(self, pipe, prompt, loras):
+        super().check(pipe, prompt, loras)
         self.style, self.concept_loras = self._split(loras)
         concepts = [self._concept(prompt, lora) for lora in self.concept_loras]
         self.plan = concept_prompts(pipe.tokenizer, prompt, concepts)
+
+    def trigger_prompt(self, prompt, lora):
+        """A concept LoRA's derived prompt gets its trigger written in (`derive_prompts`), its own prompt is used
+        as given; the style LoRA rides on every pass of the user's prompt."""
+        return prompt if lora.adapter == self.options.style_lora else lora.spec.prompt
 
     def _split(self, loras):
         """(style LoRA or None, concept LoRAs)."""

@@ -31,7 +31,7 @@ from ..context import Pass
 from ..errors import InvalidOptionError, InvalidRegionError
 from ..region_guidance import composer_loss, reinitialize_latents
 from ..regions import check_region_fits, region_mask
-from ..tokens import require_word, token_positions, word_spans
+from ..tokens import token_positions, word_spans
 from .base import CompositionMethod, require
 
 
@@ -111,14 +111,16 @@ class ComposerMethod(CompositionMethod):
                     f"composer needs a region for LoRA '{lora.adapter}': pass LoraSpec(..., region=(top, left, "
                     "bottom, right)) as fractions or a mask image, or name it with option background="
                 )
-            if not lora.trigger:
-                raise InvalidOptionError(
-                    f"composer needs a trigger word for LoRA '{lora.adapter}' and its file has none in its "
-                    "metadata; pass LoraSpec(..., trigger='sks')"
-                )
-            require_word(pipe.tokenizer, self._regional_prompt(prompt, lora), lora.trigger, lora.adapter)
         if all(lora.adapter == background for lora in loras):
             raise InvalidOptionError("composer needs at least one LoRA with a region")
+        super().check(pipe, prompt, loras)
+
+    def needs_trigger(self, lora):
+        """A region LoRA's trigger spells its regional prompt's tokens; the background may have none."""
+        return lora.adapter != self.options.background
+
+    def trigger_prompt(self, prompt, lora):
+        return prompt if lora.adapter == self.options.background else self._regional_prompt(prompt, lora)
 
     def check_size(self, pipe, loras, height, width):
         """Every box must cover at least one pixel of the coarsest attention grid."""
