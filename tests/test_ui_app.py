@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -22,16 +24,19 @@ from compose.errors import (
     NotSafetensorsError,
     TriggerNotInPromptError,
 )
+from compose.loading import file_sha256
 from compose.methods import METHODS
 from compose.methods.merge import MergeMethod
 from pipelines.generate import generate
 from pipelines.recipe import read_recipe
+from pipelines.tiny import tiny_pipeline, write_random_lora
 from ui import LoraLibrary, build_app
 from ui.app import ComposeApp
 from ui.form import arrange, build_recipe, check_triggers, python_code, suggest_prompt
 from ui.library import upload_stem
-from ui.options import option_fields, options_from_form
-from ui.pictures import for_display, mask_pictures, region_preview
+from ui.options import option_fields, options_from_form, server_path_options
+from ui.pictures import for_display, library_card, library_picture, mask_pictures, region_preview
+from ui.previews import MAX_PREVIEWS_PER_SCAN, PreviewMaker
 
 
 @pytest.fixture()
@@ -275,6 +280,13 @@ def test_ui_command_line(tmp_path):
 
     on_toy = build_parser("ui").parse_args(["ui", "--model", str(toyworld.default_model_path())])
     assert cli.lora_folders(on_toy) == [toyworld.default_lora_path()]
+    assert cli.app_settings(on_toy) == {
+        "server_options": {}, "preview_dir": cli.DEFAULT_PREVIEW_DIR, "preview_limit": MAX_PREVIEWS_PER_SCAN,
+    }  # fmt: skip
+    configured = ["ui", "--profile-cache-dir", str(tmp_path / "profiles"), "--max-previews", "0"]
+    assert cli.app_settings(build_parser("ui").parse_args(configured)) == {
+        "server_options": {"profile_cache_dir": str(tmp_path / "profiles")}
+    }
 
 
 def test_upload_handler_adds_the_lora_to_the_choices(library, pipe, loras, tmp_path):
@@ -282,10 +294,153 @@ def test_upload_handler_adds_the_lora_to_the_choices(library, pipe, loras, tmp_p
     browser_copy = tmp_path / "cache" / "my style.safetensors"
     browser_copy.parent.mkdir()
     shutil.copy(loras["car"], browser_copy)
-    cards, notes, selection = app.add_upload(str(browser_copy), ["cat"])
+    cards, notes, selection, view, *examples = app.add_upload(str(browser_copy), app.library_view.value, ["cat"])
     assert (selection["choices"], selection["value"]) == (["cat", "dog", "my_style"], ["cat"])
-    assert "3 LoRAs" in notes and len(cards) == 3
+    assert "3 LoRAs" in notes and len(cards) == 3 and view["names"] == ["cat", "dog", "my_style"]
     assert library.get("my_style").trigger == "vrn"
     browser_copy.rename(browser_copy.with_suffix(".bin"))
     with pytest.raises(gr.Error, match="pickled checkpoint"):
-        app.add_upload(str(browser_copy.with_suffix(".bin")), ["cat"])
+        app.add_upload(str(browser_copy.with_suffix(".bin")), view, ["cat"])
+
+
+def test_another_visitors_upload_reaches_every_page(library, pipe, loras, tmp_path):
+    app = ComposeApp(pipe, library, "tiny", output_dir=tmp_path / "out")
+    first_page = app.library_view.value  # what a page opened before the upload shows
+    assert app.sync_library(first_page, []) == [gr.skip()] * 6  # nothing new: the page is left alone
+    library.add_upload(loras["car"], "car.safetensors")  # another visitor's upload
+    cards, notes, selection, view, *_ = app.sync_library(first_page, [])
+    assert selection["choices"] == ["cat", "dog", "car"] and len(cards) == 3 and "3 LoRAs" in notes
+    event = gr.SelectData(None, {"index": 2, "value": None})
+    assert app.add_from_library(view, [], event) == ["car"]  # a click means the tile the page shows
+
+
+# ----- server paths ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class ServerPathOptions:
+    strength: float = 0.5
+    cache_dir: str | None = dataclasses.field(default=None, metadata={"server_path": True})
+
+
+def test_options_that_name_server_paths_get_no_form_field():
+    assert [field.name for field in option_fields(ServerPathOptions)] == ["strength"]
+    assert server_path_options(ServerPathOptions) == {"cache_dir"}
+    assert "profile_cache_dir" in server_path_options(METHODS["cmlora"].options_class)
+    for name, method in METHODS.items():  # a path-like option of any method must carry the marker
+        names = [field.name for field in option_fields(method.options_class)]
+        path_like = [name for name in names if re.search(r"(dir|path|file|folder)$", name)]
+        assert path_like == [], f"{name} shows server paths in its form: {path_like}"
+
+
+def test_cmlora_profiles_go_where_the_server_says_and_not_into_the_recipe(library, pipe, tmp_path):
+    profiles = tmp_path / "server-profiles"
+    server_options = {"profile_cache_dir": str(profiles)}
+    app = ComposeApp(pipe, library, "tiny", output_dir=tmp_path / "out", server_options=server_options)
+    form = app.method_forms["cmlora"]
+    names = [field.name for field in form.fields]
+    assert "profile_cache_dir" not in names
+    values = select(app, form_values(app, steps=2, method="cmlora"), ["cat", "dog"])
+    values[form.inputs[names.index("profile_steps")]] = 1
+    _, _, download, _, _ = app.generate(values, progress=NoProgress())
+    assert len(list(profiles.glob("*.json"))) == 2  # one profile per LoRA, in the server's folder
+    recipe = read_recipe(download["value"])
+    assert recipe["method"] == "cmlora" and "profile_cache_dir" not in recipe["options"]
+    assert recipe["options"]["profile_steps"] == 1
+
+
+# ----- messages without server paths ---------------------------------------------------------
+def test_errors_name_the_lora_not_server_paths(library, library_dir, pipe, tmp_path):
+    app = ComposeApp(pipe, library, "tiny", output_dir=tmp_path / "out")
+    broken = tmp_path / "browser" / "broken.safetensors"
+    broken.parent.mkdir()
+    broken.write_bytes(b"\x01")
+    with pytest.raises(gr.Error) as refused:
+        app.add_upload(str(broken), app.library_view.value, [])
+    assert "broken.safetensors is too short" in refused.value.message
+    assert str(library.upload_dir) not in refused.value.message and ".part" not in refused.value.message
+    values = select(app, form_values(app, steps=2), ["cat", "dog"])
+    (library_dir / "dog.safetensors").write_bytes(b"\x01")  # changed on disk after the scan
+    with pytest.raises(gr.Error) as failed:
+        app.generate(values, progress=NoProgress())
+    assert "LoRA 'dog' is too short" in failed.value.message and str(library_dir) not in failed.value.message
+    library.folders.append(tmp_path / "gone")
+    library.refresh()
+    assert str(tmp_path) not in app._library_notes() and "dog.safetensors" in app._library_notes()
+
+
+# ----- previews --------------------------------------------------------------------------------
+def test_previews_are_made_in_the_background_and_cached_by_file_and_model(library, library_dir, pipe, loras, tmp_path):
+    cache = tmp_path / "previews"
+    app = ComposeApp(pipe, library, "tiny", output_dir=tmp_path / "out", preview_dir=cache)
+    page = app.library_view.value
+    app.previews.join()
+    made = list(cache.glob("*.png"))
+    assert [path.name for path in made] == [f"{file_sha256(library_dir / 'dog.safetensors')}-{app.previews.model}.png"]
+    cards, *_ = app.sync_library(page, [])  # the open page gets the new picture
+    expected = np.asarray(library_picture(made[0]))
+    assert np.array_equal(np.asarray(cards[1][0]), expected) and expected.std() > 0
+    assert np.array_equal(np.asarray(cards[0][0]), np.asarray(library_picture(library_dir / "cat.png")))  # its PNG wins
+    shutil.copy(loras["car"], library_dir / "dog.safetensors")  # same name, another file: a new preview
+    app.rescan(app.library_view.value, [])
+    app.previews.join()
+    assert len(list(cache.glob("*.png"))) == 2
+    restarted = ComposeApp(pipe, library, "tiny", output_dir=tmp_path / "out", preview_dir=cache, preview_limit=0)
+    restarted.previews.join()  # a limit of 0 generates nothing, and the cached preview is still found
+    assert restarted.previews.picture(library.get("dog")) == restarted.previews.cache_file(library.get("dog"))
+    assert restarted.previews.cache_file(library.get("dog")).is_file()
+    other_model = PreviewMaker(tiny_pipeline(seed=1), cache, threading.Lock())
+    assert other_model.cache_file(library.get("dog")) != restarted.previews.cache_file(library.get("dog"))
+
+
+def test_previews_never_hold_up_a_page_and_stop_at_the_limit(library_dir, pipe, loras, tmp_path, monkeypatch):
+    shutil.copy(loras["car"], library_dir / "car.safetensors")
+    library = LoraLibrary([library_dir], tmp_path / "uploads", pipe=pipe)
+    slow = threading.Event()
+    render = PreviewMaker._render
+    monkeypatch.setattr(PreviewMaker, "_render", lambda maker, *args: (slow.wait(), render(maker, *args)))
+    previews = dict(preview_dir=tmp_path / "previews", preview_limit=1)
+    app = ComposeApp(pipe, library, "tiny", output_dir=tmp_path / "out", **previews)
+    cards, *_ = app.sync_library({"names": [], "version": None}, [])  # while a preview is still being made
+    assert [caption for _, caption in cards] == ["car · vrn", "cat · sks", "dog · zwx"]
+    assert np.array_equal(np.asarray(cards[2][0]), np.asarray(library_card("dog")))
+    slow.set()
+    app.previews.join()
+    assert len(list((tmp_path / "previews").glob("*.png"))) == 1  # car and dog need one, the limit is one
+
+
+# ----- examples --------------------------------------------------------------------------------
+@pytest.fixture()
+def shapes_library(tmp_path, pipe):
+    """LoRAs with the toy model's trigger and concept words (random weights) for the examples."""
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    for seed, (trigger, concept) in enumerate([("sks", "square"), ("zwx", "circle"), ("qpl", "style")], start=1):
+        write_random_lora(pipe, folder / f"{trigger}.safetensors", seed, trigger=trigger, concept=concept)
+    return LoraLibrary([folder], tmp_path / "shape-uploads", pipe=pipe)
+
+
+def apply(app: ComposeApp, values: dict, outputs: list, updates: list) -> dict:
+    for widget, update in zip(outputs, updates):
+        if not isinstance(update, dict):
+            values[widget] = update
+    return values
+
+
+def test_examples_fill_the_form_in_one_click_and_only_with_their_loras(shapes_library, library, pipe, tmp_path):
+    app = ComposeApp(pipe, shapes_library, "tiny", output_dir=tmp_path / "out")
+    assert [button.visible for button in app.example_buttons] == [True, True]
+    assert [button.visible for button in ComposeApp(pipe, library, "tiny").example_buttons] == [False, False]
+    values = apply(app, form_values(app, steps=2), app.example_outputs(0), app.use_example(0))
+    assert values[app.prompt] == "a sks square on the left and a zwx circle on the right"
+    assert (values[app.selection], values[app.method]) == (["sks", "zwx"], "composer")
+    assert [app.slots[0].read(values, "sks").box, app.slots[1].read(values, "zwx").box] == [
+        (0.2, 0.05, 0.8, 0.45), (0.2, 0.55, 0.8, 0.95),
+    ]  # fmt: skip
+    assert values[app.slots[0].use_region] and values[app.slots[1].use_region]
+    values = select(app, values, values[app.selection])  # the selection's own change event keeps all of it
+    assert values[app.prompt].endswith("on the right") and app.slots[1].read(values, "zwx").box[1] == 0.55
+    history, status, *_ = app.generate(values, progress=NoProgress())
+    assert "composer" in status and len(history) == 1
+    style = apply(app, values, app.example_outputs(1), app.use_example(1))
+    assert style[app.prompt].endswith("in qpl style") and style[app.selection] == ["sks", "zwx", "qpl"]
+    assert app.recipe(style)["options"] == {"background": "qpl"} and not style[app.slots[2].use_region]
+    assert app.recipe(apply(app, style, app.example_outputs(0), app.use_example(0)))["options"] == {}

@@ -9,8 +9,10 @@ import inspect
 import random
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +24,20 @@ from compose.methods import METHODS
 from pipelines.generate import generate
 from pipelines.recipe import save_png_with_recipe
 
+from .examples import EXAMPLES, example_loras, example_options
 from .form import LoraSettings, arrange, build_recipe, check_triggers, python_code, suggest_prompt, with_method
 from .library import LoraLibrary
-from .options import OptionField, option_fields, options_from_form
-from .pictures import for_display, library_card, mask_pictures, region_preview
+from .options import OptionField, option_fields, options_from_form, server_path_options
+from .pictures import for_display, library_card, library_picture, mask_pictures, region_preview
+from .previews import MAX_PREVIEWS_PER_SCAN, PreviewMaker
 
 MAX_LORAS = 5
 HISTORY = 12
 COMPARED_BY_DEFAULT = 3  # the first registered methods are the cheap baselines
 PIPELINE_QUEUE = "pipeline"  # generation and comparison share one worker: one pipeline, one call at a time
+LIBRARY_POLL_SECONDS = 5  # how soon a page shows another visitor's upload or a new preview
+# Toy-model images are a few dozen pixels: scaled up in the browser they must stay sharp squares, not blur.
+CSS = "#library img, #output img, #compare-grid img, #masks img, #regions img { image-rendering: pixelated; }"
 
 
 @dataclass
@@ -84,15 +91,28 @@ class MethodForm:
 class ComposeApp:
     """Handlers and widgets of the app; `blocks` is the gr.Blocks to launch."""
 
-    def __init__(self, pipe, library: LoraLibrary, model: str, output_dir: str | Path | None = None):
+    def __init__(
+        self, pipe, library: LoraLibrary, model: str, output_dir: str | Path | None = None, *,
+        server_options: dict[str, Any] | None = None, preview_dir: str | Path | None = None,
+        preview_limit: int = MAX_PREVIEWS_PER_SCAN,
+    ):  # fmt: skip
+        """`server_options` sets the options that name server paths (e.g. profile_cache_dir) for every
+        method that has them; `preview_dir` (None: no previews) caches the library's previews, at most
+        `preview_limit` new ones per scan."""
         self.pipe = pipe
         self.library = library
         self.model = model
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="loracompose-ui-"))
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.server_options = dict(server_options or {})
+        self.pipeline_lock = threading.Lock()  # visitors' generations and previews take turns on the one pipeline
+        self.previews = None
+        if preview_dir:
+            self.previews = PreviewMaker(pipe, preview_dir, self.pipeline_lock, limit=preview_limit)
         self.default_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.size_step = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
         self.blocks = self._build()
+        self._request_previews()
 
     # ----- layout -----------------------------------------------------------------------------
     def _build(self) -> gr.Blocks:
@@ -123,6 +143,9 @@ class ComposeApp:
 
     def _build_library(self) -> None:
         with gr.Accordion("LoRA library", open=True):
+            # each page keeps the names its gallery shows, so a click means the tile the visitor saw
+            self.library_view = gr.State(self._library_view())
+            self.library_timer = gr.Timer(LIBRARY_POLL_SECONDS)
             self.library_gallery = gr.Gallery(
                 self._library_cards(), label="Click a LoRA to add it", columns=6, height=180, fit_columns=False,
                 object_fit="contain", allow_preview=False, buttons=[], format="png", elem_id="library",
@@ -187,6 +210,14 @@ class ComposeApp:
         )
         self.suggested_prompt = gr.State("")
         self.negative_prompt = gr.Textbox(label="Negative prompt", lines=1)
+        with gr.Row():
+            self.example_buttons = [
+                gr.Button(
+                    f"Example: {example.label}", size="sm", elem_id=f"example-{index}",
+                    visible=example_loras(example, self.library) is not None,
+                )  # fmt: skip
+                for index, example in enumerate(EXAMPLES)
+            ]
 
     def _build_sampling(self) -> None:
         with gr.Row():
@@ -236,6 +267,16 @@ class ComposeApp:
             widgets.update(form.inputs)
         return widgets
 
+    @property
+    def slot_outputs(self) -> list:
+        return [w for slot in self.slots for w in (slot.group, slot.title, *slot.inputs)]
+
+    def example_outputs(self, index: int) -> list:
+        """What an example sets: the LoRAs and their slots, the prompt, the method and its options."""
+        form = self.method_forms[EXAMPLES[index].method]
+        prompt = [self.prompt, self.suggested_prompt]
+        return [self.selection, *self.slot_outputs, self.slot_names, *prompt, self.method, *form.inputs]
+
     def _wire(self, blocks: gr.Blocks) -> None:
         """Light events run at once (no queue limit); generation and comparison wait their turn.
 
@@ -262,19 +303,26 @@ class ComposeApp:
             [w.input for w in region_edits] + [blocks.load], self.draw_regions, region_inputs, self.region_picture,
             **region_view,
         )
-        slot_outputs = [w for slot in self.slots for w in (slot.group, slot.title, *slot.inputs)]
         follow_form(
             self.selection.change(
                 self.arrange_slots,
                 {self.selection, self.slot_names, self.prompt, self.suggested_prompt, *region_inputs},
-                [*slot_outputs, self.slot_names, self.prompt, self.suggested_prompt],
+                [*self.slot_outputs, self.slot_names, self.prompt, self.suggested_prompt],
                 **light,
             )
         )
-        self.library_gallery.select(self.add_from_library, [self.selection], [self.selection], **light)
-        library_outputs = [self.library_gallery, self.library_notes, self.selection]
-        self.upload.upload(self.add_upload, [self.upload, self.selection], library_outputs, concurrency_id="library")
-        self.refresh.click(self.rescan, [self.selection], library_outputs, concurrency_id="library")
+        for index, button in enumerate(self.example_buttons):
+            follow_form(button.click(partial(self.use_example, index), None, self.example_outputs(index), **light))
+        self.library_gallery.select(
+            self.add_from_library, [self.library_view, self.selection], [self.selection], **light
+        )
+        library_inputs = [self.library_view, self.selection]
+        library_outputs = [
+            self.library_gallery, self.library_notes, self.selection, self.library_view, *self.example_buttons,
+        ]  # fmt: skip
+        gr.on([blocks.load, self.library_timer.tick], self.sync_library, library_inputs, library_outputs, **light)
+        self.upload.upload(self.add_upload, [self.upload, *library_inputs], library_outputs, concurrency_id="library")
+        self.refresh.click(self.rescan, library_inputs, library_outputs, concurrency_id="library")
         self.method.change(
             self.show_method, [self.method], [self.method_help, *[f.group for f in self.method_forms.values()]], **light
         )
@@ -300,17 +348,27 @@ class ComposeApp:
         try:
             arranged = arrange(names, previous, self.library)
         except ComposeError as error:
-            raise gr.Error(str(error), print_exception=False) from error
-        updates = []
-        for index, slot in enumerate(self.slots):
-            updates += slot.show(arranged[index] if index < len(arranged) else None)
+            raise self._error(error) from error
         suggestion = suggest_prompt(arranged)
         prompt = values[self.prompt] or ""
         keep_prompt = prompt.strip() and prompt != values[self.suggested_prompt]
-        return [*updates, names, gr.skip() if keep_prompt else suggestion, suggestion]
+        return [*self._slot_updates(arranged), names, gr.skip() if keep_prompt else suggestion, suggestion]
 
-    def add_from_library(self, selection: list[str], event: gr.SelectData) -> list[str]:
-        name = list(self.library.entries)[event.index]
+    def use_example(self, index: int) -> list:
+        """Fill the form from an example (its prompt is kept: the selection's suggestion differs from it)."""
+        example = EXAMPLES[index]
+        loras = example_loras(example, self.library)
+        if loras is None:
+            raise gr.Error("the LoRAs of this example are no longer in the library", print_exception=False)
+        names = [lora.name for lora in loras]
+        options = example_options(example, loras)
+        fields = self.method_forms[example.method].fields
+        option_values = [field.widget_value(options.get(field.name, field.default)) for field in fields]
+        prompt = [example.prompt, suggest_prompt(loras)]
+        return [names, *self._slot_updates(loras), names, *prompt, example.method, *option_values]
+
+    def add_from_library(self, view: dict, selection: list[str], event: gr.SelectData) -> list[str]:
+        name = view["names"][event.index]
         selection = list(selection or [])
         if name in selection:
             return gr.skip()
@@ -318,18 +376,26 @@ class ComposeApp:
             raise gr.Error(f"at most {MAX_LORAS} LoRAs at once; remove one first", print_exception=False)
         return selection + [name]
 
-    def add_upload(self, uploaded: str, selection: list[str]) -> list:
+    def add_upload(self, uploaded: str, view: dict, selection: list[str]) -> list:
         client_name = Path(uploaded).name
         try:
             entry = self.library.add_upload(uploaded, client_name)
         except ComposeError as error:
-            raise gr.Error(str(error), print_exception=False) from error
+            raise self._error(error) from error
         gr.Info(f"added LoRA '{entry.name}'")
-        return self._library_updates(selection)
+        self._request_previews()
+        return self._library_updates(view, selection)
 
-    def rescan(self, selection: list[str]) -> list:
+    def rescan(self, view: dict, selection: list[str]) -> list:
         self.library.refresh()
-        return self._library_updates(selection)
+        self._request_previews()
+        return self._library_updates(view, selection)
+
+    def sync_library(self, view: dict, selection: list[str]) -> list:
+        """A page's library as the server has it now: other visitors' uploads, previews made since."""
+        if view["version"] == self._library_version():
+            return [gr.skip()] * (4 + len(self.example_buttons))
+        return self._library_updates(view, selection)
 
     def show_method(self, method: str) -> list:
         return [_method_summary(method), *[gr.update(visible=name == method) for name in self.method_forms]]
@@ -342,7 +408,7 @@ class ComposeApp:
         try:
             return python_code(self.recipe(values))
         except ComposeError as error:
-            return f"# Not ready yet: {error}\n"
+            return f"# Not ready yet: {self.library.public_message(str(error))}\n"
 
     def generate(self, values: dict, progress=gr.Progress()) -> list:
         values = self._with_seed(values)
@@ -351,7 +417,7 @@ class ComposeApp:
         try:
             image, full, output, seconds = self._run(recipe, progress, "")
         except ComposeError as error:  # checks that need the loaded LoRAs (e.g. a method's own)
-            raise gr.Error(str(error), print_exception=False) from error
+            raise self._error(error) from error
         path = save_png_with_recipe(image, self.output_dir / _file_name(recipe), full)
         caption = f"{recipe['method']} · seed {recipe['seed']}"
         history = [(for_display(image), caption), *values[self.history]][:HISTORY]
@@ -373,7 +439,7 @@ class ComposeApp:
                 recipe = with_method(base, method, self._options(values, method))
                 image, _, output, seconds = self._run(recipe, progress, f"{index + 1}/{len(methods)} {method}: ")
             except ComposeError as error:
-                cells.append((library_card("not run"), f"{method}: {error}"))
+                cells.append((library_card("not run"), f"{method}: {self.library.public_message(str(error))}"))
                 continue
             cells.append((for_display(image), f"{method} ({seconds:.1f} s)"))
             names = [lora["name"] for lora in recipe["loras"]]
@@ -410,8 +476,12 @@ class ComposeApp:
             recipe = self.recipe(values)
             check_triggers(self.pipe.tokenizer, recipe)
         except ComposeError as error:
-            raise gr.Error(str(error), print_exception=False) from error
+            raise self._error(error) from error
         return recipe
+
+    def _error(self, error: ComposeError) -> gr.Error:
+        """The error as a visitor sees it: LoRAs by their library names, no server paths."""
+        return gr.Error(self.library.public_message(str(error)), print_exception=False)
 
     def _with_seed(self, values: dict) -> dict:
         if values[self.randomize]:
@@ -419,17 +489,26 @@ class ComposeApp:
         return values
 
     def _run(self, recipe: dict[str, Any], progress: gr.Progress, label: str):
-        """Run a recipe through `generate` with per-step progress; (image, full recipe, output, seconds)."""
+        """Run a recipe through `generate` with per-step progress; (image, full recipe, output, seconds).
+
+        The server's own path options are added for the run only: the saved recipe has none of them.
+        """
         steps = recipe["steps"]
         observed = StepReportingPipeline(self.pipe, lambda step: progress((step, steps), desc=f"{label}step"))
-        start = time.perf_counter()
-        image, full = generate(observed, recipe)
-        return image, full, observed.output, time.perf_counter() - start
+        server_paths = server_path_options(METHODS[recipe["method"]].options_class)
+        options = {**recipe["options"], **{k: v for k, v in self.server_options.items() if k in server_paths}}
+        with self.pipeline_lock:
+            start = time.perf_counter()
+            image, full = generate(observed, with_method(recipe, recipe["method"], options))
+            seconds = time.perf_counter() - start
+        full["options"] = {k: v for k, v in full.get("options", {}).items() if k not in server_paths}
+        return image, full, observed.output, seconds
 
-    def _library_cards(self) -> list[tuple[Image.Image | str, str]]:
+    def _library_cards(self) -> list[tuple[Image.Image, str]]:
         cards = []
         for entry in self.library.entries.values():
-            picture = str(entry.preview) if entry.preview else library_card(entry.name)
+            path = self.previews.picture(entry) if self.previews else entry.preview
+            picture = (library_picture(path) if path else None) or library_card(entry.name)
             caption = entry.name + (f" · {entry.trigger}" if entry.trigger else "")
             cards.append((picture, caption))
         return cards
@@ -440,10 +519,28 @@ class ComposeApp:
         notes += [f"- skipped `{name}`: {reason}" for name, reason in self.library.skipped.items()]
         return "\n".join(notes)
 
-    def _library_updates(self, selection: list[str]) -> list:
-        names = list(self.library.entries)
+    def _library_version(self) -> tuple[int, int]:
+        return self.library.version, self.previews.version if self.previews else 0
+
+    def _library_view(self) -> dict:
+        return {"names": list(self.library.entries), "version": self._library_version()}
+
+    def _library_updates(self, view: dict, selection: list[str]) -> list:
+        """[gallery, notes, selection, view, *example buttons]; the selection changes only with the names."""
+        new_view = self._library_view()
         kept = [name for name in selection or [] if name in self.library.entries]
-        return [self._library_cards(), self._library_notes(), gr.update(choices=names, value=kept)]
+        choices = gr.update(choices=new_view["names"], value=kept) if new_view["names"] != view["names"] else gr.skip()
+        examples = [gr.update(visible=example_loras(example, self.library) is not None) for example in EXAMPLES]
+        return [self._library_cards(), self._library_notes(), choices, new_view, *examples]
+
+    def _slot_updates(self, loras: list[LoraSettings]) -> list:
+        """Updates for every slot's [group, title, *inputs]: the first ones show `loras`, the rest hide."""
+        shown = [*loras, *[None] * (len(self.slots) - len(loras))]
+        return [update for slot, settings in zip(self.slots, shown) for update in slot.show(settings)]
+
+    def _request_previews(self) -> None:
+        if self.previews:
+            self.previews.request(self.library.entries.values())
 
 
 class StepReportingPipeline:
@@ -465,17 +562,18 @@ class StepReportingPipeline:
 
 def _option_widget(method: str, field: OptionField):
     common = dict(label=field.name, info=field.help or None, elem_id=f"option-{method}-{field.name}")
+    value = field.widget_value()
     if field.kind == "bool":
-        return gr.Checkbox(field.default, min_width=220, **common)
+        return gr.Checkbox(value, min_width=220, **common)
     if field.kind in ("int", "float") and field.optional:  # a Number box cannot be empty: None would read as 0
-        return gr.Textbox("" if field.default is None else str(field.default), placeholder="empty: none", **common)
+        return gr.Textbox(value, placeholder="empty: none", **common)
     if field.kind in ("int", "float"):
-        return gr.Number(field.default, precision=0 if field.kind == "int" else None, **common)
+        return gr.Number(value, precision=0 if field.kind == "int" else None, **common)
     if field.kind == "choice":
-        return gr.Dropdown(list(field.choices), value=field.default, **common)
+        return gr.Dropdown(list(field.choices), value=value, **common)
     if field.kind == "json":
-        return gr.Textbox(field.widget_value(), **{**common, "label": f"{field.name} (JSON)"})
-    return gr.Textbox(field.default or "", **common)
+        return gr.Textbox(value, **{**common, "label": f"{field.name} (JSON)"})
+    return gr.Textbox(value, **common)
 
 
 def _method_summary(name: str) -> str:
@@ -488,6 +586,9 @@ def _file_name(recipe: dict[str, Any]) -> str:
     return f"{recipe['method']}-seed{recipe['seed']}-{time.strftime('%H%M%S')}-{random.randrange(1000):03d}.png"
 
 
-def build_app(pipe, library: LoraLibrary, model: str, output_dir: str | Path | None = None) -> gr.Blocks:
-    """The app as a gr.Blocks, not launched (tests and `loracompose ui` launch it)."""
-    return ComposeApp(pipe, library, model, output_dir).blocks
+def build_app(pipe, library: LoraLibrary, model: str, output_dir: str | Path | None = None, **settings) -> gr.Blocks:
+    """The app as a gr.Blocks, not launched (tests and `loracompose ui` launch it, with `css=CSS`).
+
+    `settings`: ComposeApp's server_options, preview_dir and preview_limit.
+    """
+    return ComposeApp(pipe, library, model, output_dir, **settings).blocks

@@ -51,24 +51,33 @@ class LoraLibrary:
         self.upload_limit = upload_limit
         self.entries: dict[str, LoraEntry] = {}
         self.skipped: dict[str, str] = {}
+        self.version = 0  # counts scans, so every page can tell that its view is out of date
         self.refresh()
 
     def refresh(self) -> None:
         """Scan the folders again (a file dropped in while the UI runs appears after this)."""
         entries: dict[str, LoraEntry] = {}
         skipped: dict[str, str] = {}
-        for folder in [*self.folders, self.upload_dir]:
+        for number, folder in enumerate([*self.folders, self.upload_dir], start=1):
             if not folder.is_dir():
-                skipped[str(folder)] = "folder does not exist"
+                skipped[f"library folder {number}"] = "folder does not exist"
                 continue
             for path in sorted(folder.glob("*.safetensors")):
                 try:
                     entry = self._entry(path, _unique(path.stem, entries))
                 except ComposeError as error:
-                    skipped[path.name] = str(error)
+                    skipped[path.name] = hide_paths(str(error), {str(path): path.name})
                     continue
                 entries[entry.name] = entry
         self.entries, self.skipped = entries, skipped
+        self.version += 1
+
+    def public_message(self, text: str) -> str:
+        """A message for visitors: the LoRAs' files named by their library names, folders not named at all."""
+        names = {str(entry.path): f"LoRA '{entry.name}'" for entry in self.entries.values()}
+        names.update({str(folder): "a library folder" for folder in self.folders})
+        names[str(self.upload_dir)] = "the upload folder"
+        return hide_paths(text, names)
 
     def get(self, name: str) -> LoraEntry:
         if name not in self.entries:
@@ -81,7 +90,7 @@ class LoraLibrary:
         size = uploaded.stat().st_size
         if size > self.upload_limit:
             raise ComposeError(
-                f"{client_name} is {size / 2**20:.0f} MB, more than the {self.upload_limit / 2**20:.0f} MB upload "
+                f"{_base_name(client_name)} is {size / 2**20:.0f} MB, more than the {self.upload_limit / 2**20:.0f} MB upload "
                 "limit; put large files into a --lora-dir folder instead"
             )
         stem = upload_stem(client_name)
@@ -92,6 +101,10 @@ class LoraLibrary:
         try:
             shutil.copyfile(uploaded, staging)
             self._entry(staging, stem)  # read_header refuses pickles, then the layers must fit the model
+        except ComposeError as error:  # the message names the staging copy: name the file the visitor sent
+            shown = _base_name(client_name) or "the upload"
+            raise type(error)(hide_paths(str(error), {str(staging): shown})) from error
+        else:
             target = self.upload_dir / f"{_unique(stem, {p.stem for p in self.upload_dir.glob('*.safetensors')})}.safetensors"
             os.replace(staging, target)
         finally:
@@ -116,7 +129,7 @@ class LoraLibrary:
 
 def upload_stem(client_name: str) -> str:
     """A safe file stem from the name a browser sent: no folders, no dots in front, only plain characters."""
-    base = re.split(r"[\\/]", client_name or "")[-1]
+    base = _base_name(client_name)
     suffix = Path(base).suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         raise NotSafetensorsError(
@@ -127,6 +140,18 @@ def upload_stem(client_name: str) -> str:
         raise ComposeError(f"{base or 'the upload'} is not a .safetensors file; only .safetensors LoRAs are accepted")
     stem = _UNSAFE_NAME_CHARACTERS.sub("_", base[: -len(suffix)]).strip("_-")[:80]
     return stem or "lora"
+
+
+def _base_name(client_name: str | None) -> str:
+    """The last part of a name a browser sent, whichever separator its system uses."""
+    return re.split(r"[\\/]", client_name or "")[-1]
+
+
+def hide_paths(text: str, names: dict[str, str]) -> str:
+    """`text` with each path in `names` replaced by its label, longest first (a file before its folder)."""
+    for path in sorted(names, key=len, reverse=True):
+        text = text.replace(path, names[path])
+    return text
 
 
 def _unique(stem: str, taken) -> str:

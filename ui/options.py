@@ -3,7 +3,9 @@
 A method registered later gets its form without any UI change. A field is "advanced" (shown in a
 collapsed accordion) when its dataclass metadata says so (`field(metadata={"advanced": True})`),
 otherwise when it comes after the first MAIN_FIELDS fields: authors list the main knobs first.
-`field(metadata={"help": "..."})` becomes the field's hint.
+`field(metadata={"help": "..."})` becomes the field's hint. A field that names a path on the server
+(`field(metadata={"server_path": True})`, e.g. a cache folder) gets no form field: a visitor must not
+choose where the server writes. The server sets such options from its own configuration.
 """
 
 from __future__ import annotations
@@ -32,18 +34,21 @@ class OptionField:
     advanced: bool = False
     help: str = ""
 
-    def widget_value(self) -> Any:
-        """The default as the form shows it (JSON fields as text)."""
+    def widget_value(self, value: Any = dataclasses.MISSING) -> Any:
+        """A value (by default the default) as the form shows it: JSON as text, an empty box for None."""
+        value = self.default if value is dataclasses.MISSING else value
         if self.kind == "json":
-            return json.dumps(self.default)
-        return self.default
+            return json.dumps(value)
+        if self.kind == "str" or (self.optional and self.kind in ("int", "float")):  # text boxes
+            return "" if value is None else str(value)
+        return value
 
 
 def option_fields(options_class: type) -> list[OptionField]:
     hints = typing.get_type_hints(options_class)
     fields = []
     for index, field in enumerate(dataclasses.fields(options_class)):
-        if not field.init:
+        if not field.init or field.metadata.get("server_path"):
             continue
         kind, optional, choices = _kind(hints.get(field.name, Any))
         default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
@@ -52,6 +57,11 @@ def option_fields(options_class: type) -> list[OptionField]:
             OptionField(field.name, kind, default, optional, choices, advanced, field.metadata.get("help", ""))
         )
     return fields
+
+
+def server_path_options(options_class: type) -> set[str]:
+    """Names of the options that name server paths: set by the server, kept out of forms and saved recipes."""
+    return {field.name for field in dataclasses.fields(options_class) if field.metadata.get("server_path")}
 
 
 def _kind(annotation) -> tuple[str, bool, tuple]:

@@ -57,6 +57,22 @@ def region_preview(loras: list[LoraSettings], height: int, width: int, size: int
     return picture
 
 
+def library_picture(path, size: int = 128) -> Image.Image | None:
+    """A library tile from a preview PNG: small pictures scaled up by nearest neighbours, big ones down.
+
+    None when the file cannot be read (the tile then shows the LoRA's name).
+    """
+    try:
+        with Image.open(path) as picture:
+            picture = picture.convert("RGB")
+    except OSError:
+        return None
+    if max(picture.size) <= size:
+        return for_display(picture, size)
+    picture.thumbnail((size, size))
+    return picture
+
+
 def library_card(name: str, size: int = 128) -> Image.Image:
     """Stands in for a LoRA without a preview PNG (or a method that could not run): its name on a tile."""
     tile = Image.new("RGB", (size, size), (232, 236, 241))

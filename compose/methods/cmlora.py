@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -47,7 +47,9 @@ class CmloraOptions:
     profile_steps: int = 8
     profile_seed: int = 0
     profile_cutoff: float = 0.2
-    profile_cache_dir: str | None = None  # None: $LORACOMPOSE_PROFILE_CACHE or ~/.cache/loracompose/profiles
+    # None: $LORACOMPOSE_PROFILE_CACHE or ~/.cache/loracompose/profiles. A folder on the machine that runs
+    # the pipeline: a server's configuration, never a web form's field.
+    profile_cache_dir: str | None = field(default=None, metadata={"server_path": True})
 
     def __post_init__(self):
         if self.order is not None:
