@@ -67,5 +67,9 @@ class InvalidOptionError(ComposeError, ValueError):
     """A method option is unknown or has a value of the wrong type or range."""
 
 
+class InvalidImageArgumentError(ComposeError, ValueError):
+    """An image side is not a positive multiple of what the model needs, or the step count is below one."""
+
+
 class UnsupportedArgumentError(ComposeError, ValueError):
     """A pipeline argument cannot be combined with LoRA composition."""

@@ -8,6 +8,7 @@ may read) are a few small methods each pipeline defines.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -18,7 +19,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 
 from compose.adapters import activate, restore, snapshot
 from compose.context import DenoiseContext, text_encoders
-from compose.errors import UnsupportedArgumentError
+from compose.errors import InvalidImageArgumentError, UnsupportedArgumentError
 from compose.loading import load_adapters, resolve_loras
 from compose.methods import build_method
 
@@ -46,6 +47,9 @@ class MultiLoraPipelineMixin:
 
     def _compose(self, kwargs: dict[str, Any], loras: list, method: str, method_options: Any):
         prompt, negative_prompt = kwargs["prompt"], kwargs["negative_prompt"]
+        scheduled = kwargs["timesteps"] is not None or kwargs["sigmas"] is not None  # then the step count is unused
+        steps = None if scheduled else kwargs["num_inference_steps"]
+        check_image_arguments(self, kwargs["height"], kwargs["width"], steps)
         height = kwargs["height"] or self.unet.config.sample_size * self.vae_scale_factor
         width = kwargs["width"] or self.unet.config.sample_size * self.vae_scale_factor
         generator, output_type = kwargs["generator"], kwargs["output_type"]
@@ -148,6 +152,25 @@ class MultiLoraPipelineMixin:
         unknown = sorted(set(kwargs) - set(self._composition_arguments))
         if unknown:
             raise UnsupportedArgumentError(f"unexpected keyword argument(s) {unknown} with `loras=`")
+
+
+def size_multiple(pipe) -> int:
+    """Image sides must be multiples of this: diffusers' input check wants 8, the VAE its scale factor
+    (anything else is rounded down to whole latent pixels)."""
+    return math.lcm(8, pipe.vae_scale_factor)
+
+
+def check_image_arguments(pipe, height: int | None, width: int | None, steps: int | None) -> None:
+    """Sizes and step count before anything runs: 0 steps would save the starting noise as the image."""
+    multiple = size_multiple(pipe)
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and not (isinstance(value, int) and value >= multiple and value % multiple == 0):
+            nearest = max(multiple, round(value / multiple) * multiple) if isinstance(value, (int, float)) else multiple
+            raise InvalidImageArgumentError(
+                f"{name} {value!r} must be a positive multiple of {multiple} pixels, e.g. {nearest} (this model needs it)"
+            )
+    if steps is not None and not (isinstance(steps, int) and steps >= 1):
+        raise InvalidImageArgumentError(f"the number of inference steps must be at least 1, got {steps!r}")
 
 
 # SDXL's micro-conditioning arguments, handed to DenoiseContext (which turns them into time ids).

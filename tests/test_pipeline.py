@@ -6,7 +6,7 @@ from diffusers import StableDiffusionPipeline
 
 from compose import LoraSpec
 from compose.adapters import snapshot
-from compose.errors import InvalidOptionError, UnknownMethodError, UnsupportedArgumentError
+from compose.errors import InvalidImageArgumentError, InvalidOptionError, UnknownMethodError, UnsupportedArgumentError
 from compose.methods.switch import active_index
 from tests.conftest import PROMPT, generator, run
 
@@ -138,6 +138,17 @@ def test_unsupported_arguments_named(pipe, loras, kwargs):
     prompt = kwargs.pop("prompt", PROMPT)
     with pytest.raises(UnsupportedArgumentError):
         pipe(prompt, loras=[loras["cat"]], num_inference_steps=2, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"height": 36}, "height 36 must be a positive multiple of 8"), ({"width": -8}, "width -8"),
+     ({"num_inference_steps": 0}, "at least 1, got 0")],
+)  # fmt: skip
+def test_sizes_and_step_counts_the_model_cannot_honour_are_named(pipe, loras, kwargs, message):
+    kwargs = {"num_inference_steps": 2, **kwargs}
+    with pytest.raises(InvalidImageArgumentError, match=message):
+        pipe(PROMPT, loras=[loras["cat"]], **kwargs)
 
 
 def test_num_images_and_non_square(pipe, loras):
