@@ -360,11 +360,14 @@ class PreparedGrid:
         }  # fmt: skip
 
     def job_id(self, config: EvalConfig, job: Job) -> str:
-        """Same settings and same LoRA contents -> same id, wherever the files live.
+        """Same cell (method label, LoRA set name), settings and LoRA contents -> same id, wherever the files live.
 
-        Options count with their defaults filled in, so a row made before a default changed is not reused.
+        The cell counts because two labels may run the same settings (or two sets the same files) and each
+        is a row of its own. Options count with their defaults filled in, so a row made before a default
+        changed is not reused.
         """
         recipe = self.recipe(config, job)
+        recipe.update(label=job.method.label, lora_set=job.lora_set)
         recipe["options"] = dataclasses.asdict(build_method(job.method.name, job.method.options).options)
         for entry, lora in zip(recipe["loras"], self.loras[job.lora_set]):
             entry["source"] = lora.sha256

@@ -241,13 +241,27 @@ def test_sets_with_own_prompts_and_methods_limited_to_sets(loras, tmp_path):
 
 
 def test_job_ids_count_options_with_their_defaults(pipe, loras, tmp_path):
+    def first_id(options):
+        raw = dict(base_config(loras), methods=[{"name": "merge", "options": options}])
+        config = load_config(write_config(tmp_path / f"config{len(list(tmp_path.iterdir()))}", raw))
+        grid = prepare_grid(pipe, config)
+        return grid.job_id(config, grid.jobs[0])
+
+    assert first_id({}) == first_id({"fuse": False}) != first_id({"fuse": True})  # default written out or not
+
+
+def test_cells_of_equal_settings_are_rows_of_their_own_and_resume(loras, tmp_path, monkeypatch):
     raw = base_config(loras)
-    raw["methods"] = [{"name": "merge"}, {"name": "merge", "label": "stated", "options": {"fuse": False}},
-                      {"name": "merge", "label": "fused", "options": {"fuse": True}}]
-    config = load_config(write_config(tmp_path, raw))
-    grid = prepare_grid(pipe, config)
-    ids = {job.method.label: grid.job_id(config, job) for job in grid.jobs if job.lora_set == "cat"}
-    assert ids["merge"] == ids["stated"] != ids["fused"]  # the same run, whether the default is written out or not
+    cat = raw["lora_sets"]["cat"]
+    raw.update(lora_sets={"one": cat, "same_files": cat}, methods=["merge", {"name": "merge", "label": "again"}])
+    config = write_config(tmp_path, raw)
+    rows = run_eval(config, tmp_path / "out")
+    assert [(row["lora_set"], row["method"]) for row in rows] == [
+        ("one", "merge"), ("one", "again"), ("same_files", "merge"), ("same_files", "again")
+    ]
+    assert len({row["image"] for row in rows}) == 4
+    monkeypatch.setattr(harness, "generate", lambda *a: pytest.fail("generated a finished row again"))
+    assert run_eval(config, tmp_path / "out") == rows
 
 
 def test_judged_rows_say_which_concepts_are_drawn_and_where(tmp_path):
