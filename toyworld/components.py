@@ -15,9 +15,9 @@ def build_vae() -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=16,
@@ -25,14 +25,18 @@ def build_vae() -> AutoencoderKL:
     )
 
 
+LATENT_SIZE = SIZE // 2  # the VAE downsamples once: 16x16 latents
+UNET_CHANNELS = (32, 64, 128)  # cross-attention maps of 16x16, 8x8 and 4x4
+
+
 def build_unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        sample_size=SIZE // 4,
+        sample_size=LATENT_SIZE,
         in_channels=4,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D",) * len(UNET_CHANNELS),
+        up_block_types=("CrossAttnUpBlock2D",) * len(UNET_CHANNELS),
+        block_out_channels=UNET_CHANNELS,
         layers_per_block=1,
         attention_head_dim=8,
         cross_attention_dim=TEXT_WIDTH,

@@ -12,13 +12,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .world import ALL_COLOURS, CONCEPTS, NIGHT_BACKGROUND, SIZE, STYLE_TRIGGERS, box_of, form_mask
+from .world import ALL_COLOURS, CONCEPTS, NIGHT_BACKGROUND, SIZE, STYLE_TRIGGERS, box_of, form_mask, position_name
 
 TEMPLATE_FORMS = ("circle", "square", "triangle", "ring", "plus")  # a two-tone triangle is a triangle
-MIN_PIXELS = 12  # smaller specks are noise, not objects (the smallest drawn object has ~50 px)
+MIN_PIXELS = 12  # smaller specks are noise, not objects (the smallest drawn object has ~30 px)
 BACKGROUND_DISTANCE = 60  # RGB distance from the background that counts as foreground
 HUE_TOLERANCE = 40.0  # degrees a concept's colour may drift and still count
 TWO_TONE_SHARE = 0.25  # each colour of a two-tone object covers at least this share
+MIN_SATURATION = 0.35  # a hue only means something on a coloured pixel: grey or black has none
+ACHROMATIC = ("black",)  # concept colours told by the nearest colour, not by hue
 
 
 @dataclass(frozen=True)
@@ -98,24 +100,27 @@ def best_form(mask: np.ndarray, box) -> tuple[str, float]:
 
 
 def position_of(box) -> str:
-    dx = (box[0] + box[2]) / 2 - SIZE / 2
-    dy = (box[1] + box[3]) / 2 - SIZE / 2
-    if max(abs(dx), abs(dy)) < 3:
-        return "middle"
-    if abs(dx) >= abs(dy):
-        return "left" if dx < 0 else "right"
-    return "top" if dy < 0 else "bottom"
+    return position_name((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
 
 
-def concept_of(form: str, colours: tuple[str, ...], hue: float, left_hue: float, right_hue: float) -> str | None:
+def saturation_of(rgb) -> float:
+    return colorsys.rgb_to_hsv(*(np.asarray(rgb, float) / 255))[1]
+
+
+def concept_of(form: str, colours: tuple[str, ...], hue: float, left_hue: float, right_hue: float,
+               saturated: bool) -> str | None:
     for trigger, concept in CONCEPTS.items():
+        if concept.colours and concept.colours[0] in ACHROMATIC:
+            if form == concept.form and colours[0] == concept.colours[0]:
+                return trigger
+            continue
         if concept.form == "two_tone_triangle":
             if form == "triangle" and len(colours) == 2 and all(
                 hue_distance(h, hue_of(ALL_COLOURS[c])) < HUE_TOLERANCE
                 for h, c in zip((left_hue, right_hue), concept.colours)
             ):
                 return trigger
-        elif form == concept.form and hue_distance(hue, hue_of(ALL_COLOURS[concept.colours[0]])) < HUE_TOLERANCE:
+        elif saturated and form == concept.form and hue_distance(hue, hue_of(ALL_COLOURS[concept.colours[0]])) < HUE_TOLERANCE:
             return trigger
     return None
 
@@ -130,9 +135,10 @@ def detect(image: np.ndarray, region: np.ndarray) -> Detection:
     columns = np.arange(SIZE)[None, :] < (box[0] + box[2]) / 2
     halves = [region & columns, region & ~columns]
     left_hue, right_hue = (hue_of(image[h].mean(0)) if h.any() else 0.0 for h in halves)
-    hue = hue_of(pixels.mean(0))
+    mean = pixels.mean(0)
+    hue = hue_of(mean)
     return Detection(form, str(names[order[0]]), colours, box, position_of(box), fit, hue,
-                     concept_of(form, colours, hue, left_hue, right_hue))
+                     concept_of(form, colours, hue, left_hue, right_hue, saturation_of(mean) >= MIN_SATURATION))
 
 
 def split_by_colour(image: np.ndarray, region: np.ndarray) -> list[np.ndarray]:

@@ -1,6 +1,6 @@
 """Train the toy text-to-image base model (UNet + text encoder) on VAE latents of the toy world.
 
-    python -m toyworld.train_base --run-dir /work/toyworld-run --steps 6000 --max-minutes 110
+    python -m toyworld.train_base --run-dir /work/toyworld-run --steps 4500 --max-minutes 80
 
 Needs a VAE in RUN_DIR/vae (toyworld.train_vae). Checkpoints to RUN_DIR/base.pt every few hundred
 steps and resumes from it, so a stopped run continues where it was; a fixed seed plus the stored
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--checkpoint-every", type=int, default=250)
     args = parser.parse_args()

@@ -1,4 +1,4 @@
-"""Train the toy VAE: 32x32 RGB <-> 8x8x4 latents.
+"""Train the toy VAE: 32x32 RGB <-> 16x16x4 latents.
 
     python -m toyworld.train_vae --out /work/toyworld-run/vae
 

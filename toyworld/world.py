@@ -1,7 +1,9 @@
-"""The toy world: 32x32 scenes of flat-coloured shapes, their captions and ground-truth masks.
+"""The toy world: 32x32 scenes of one to three flat-coloured shapes, their captions and ground-truth masks.
 
 Everything is a pure function of a seed, so a data set is just a range of seeds and can be
-rebuilt anywhere. Features are 4 px or larger because the VAE latent is 4x smaller than the image.
+rebuilt anywhere. Objects sit anywhere in the frame at several sizes, so a model trained on these
+scenes has to decide locally what goes where: the precondition for regional composition. Features
+are 2 latent pixels or larger (the VAE latent is 2x smaller than the image).
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 
-# Positions a caption can name; centres keep shapes of size <= 13 inside the image.
-POSITIONS = {"left": (9, 16), "right": (23, 16), "top": (16, 9), "bottom": (16, 23), "middle": (16, 16)}
+# Anchor centres of the named positions; a caption names the position its object's centre is nearest.
+POSITIONS = {"left": (8, 16), "right": (24, 16), "top": (16, 8), "bottom": (16, 24), "middle": (16, 16)}
 POSITION_PHRASES = {
     "left": "on the left",
     "right": "on the right",
@@ -33,6 +35,12 @@ POSITION_PHRASES = {
     "middle": "in the middle",
 }
 OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+MIDDLE_RADIUS = 3  # a centre this close to the image centre is "in the middle"
+RING_WALL = 3  # px; a ring of size >= 11 keeps a hole of >= 5 px, over 2 latent pixels
+
+# Sizes (px) of drawn objects, by how many share the scene.
+SIZE_RANGES = {1: (9, 14), 2: (8, 12), 3: (8, 11)}
+GAP = 2  # px of background kept between objects' boxes, so they never touch
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,7 @@ class Concept:
     form: str
     colours: tuple[str, ...]
     description: str
-    min_size: int = 0  # a ring needs size 12 for its hole to be 4 px wide
+    min_size: int = 0
 
     @property
     def phrase(self) -> str:
@@ -52,20 +60,21 @@ class Concept:
 
 
 # Colours only concepts use, so a judge can tell a concept from the base palette.
-CONCEPT_COLOURS = {"cyan": (20, 200, 215), "pink": (250, 110, 190)}
+CONCEPT_COLOURS = {"cyan": (20, 200, 215), "pink": (250, 110, 190), "black": (30, 30, 30)}
 NIGHT_BACKGROUND = (25, 25, 60)
 ALL_COLOURS = {**COLOURS, **CONCEPT_COLOURS}
 
 CONCEPTS = {
     "sks": Concept("sks", "square", "plus", ("cyan",), "a cyan plus sign, arms 4 px thick"),
-    "zwx": Concept("zwx", "circle", "ring", ("pink",), "a pink ring, wall and hole >= 4 px", min_size=12),
+    "zwx": Concept("zwx", "circle", "ring", ("pink",), "a pink ring, wall 3 px, hole >= 5 px", min_size=11),
     "vrn": Concept("vrn", "triangle", "two_tone_triangle", ("yellow", "blue"),
-                   "a triangle, left half yellow and right half blue"),
+                   "a triangle, left half yellow and right half blue", min_size=10),
+    "ohwx": Concept("ohwx", "circle", "circle", ("black",), "a black disc: a second circle concept"),
     "qpl": Concept("qpl", "style", "night", (), "any scene on a dark navy background"),
 }
 STYLE_TRIGGERS = ("qpl",)
 # Trigger words the base model never sees, kept free for further LoRAs.
-SPARE_TOKENS = ("ohwx", "bkt", "jzp", "tvq")
+SPARE_TOKENS = ("bkt", "jzp", "tvq", "wqz")
 
 WORDS = (
     "a", "an", "and", "on", "the", "at", "in", "of", "style",
@@ -110,7 +119,7 @@ def form_mask(form: str, center: tuple[float, float], size: float) -> np.ndarray
         return dx**2 + dy**2 < half**2
     if form == "ring":
         r2 = dx**2 + dy**2
-        return (r2 < half**2) & (r2 >= (half - 4) ** 2)
+        return (r2 < half**2) & (r2 >= (half - RING_WALL) ** 2)
     if form == "plus":
         return ((abs(dx) < 2) & (abs(dy) < half)) | ((abs(dy) < 2) & (abs(dx) < half))
     if form in ("triangle", "two_tone_triangle"):
@@ -141,6 +150,22 @@ def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
     return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
 
 
+def position_name(x: float, y: float) -> str:
+    """The named position of a point: middle near the centre, else the dominant direction."""
+    dx, dy = x - SIZE / 2, y - SIZE / 2
+    if max(abs(dx), abs(dy)) < MIDDLE_RADIUS:
+        return "middle"
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "top" if dy < 0 else "bottom"
+
+
+def seen_position(form: str, center: tuple[int, int], size: int) -> str:
+    """The named position of a form as a viewer (and the judge) sees it: its drawn box's centre."""
+    x0, y0, x1, y1 = box_of(form_mask(form, center, size))
+    return position_name((x0 + x1) / 2, (y0 + y1) / 2)
+
+
 def phrase(noun: str, position: str | None = None) -> str:
     """'a red circle on the left', 'an orange square', 'a sks square'."""
     words = f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
@@ -164,54 +189,113 @@ def render(things: list[Thing], caption: str, background=BACKGROUND) -> Scene:
     return Scene(image, caption, tuple(things), masks, tuple(box_of(m) for m in masks))
 
 
-def place(rng: np.random.Generator, form: str, colours: tuple[str, ...], position: str,
-          size_range: tuple[int, int]) -> Thing:
-    """A thing at a named position with a little jitter in place and size."""
-    x, y = POSITIONS[position]
-    jx, jy = rng.integers(-1, 2, size=2)
-    size = int(rng.integers(size_range[0], size_range[1] + 1))
-    return Thing(form, colours, (x + int(jx), y + int(jy)), size, position)
+def _extent(center: tuple[int, int], size: int) -> tuple[int, int, int, int]:
+    half = size // 2 + 1
+    return center[0] - half, center[1] - half, center[0] + half, center[1] + half
 
 
-def _positions(rng: np.random.Generator, count: int) -> list[str]:
-    if count == 1:
-        return [str(rng.choice(list(POSITIONS)))]
-    first = str(rng.choice(list(OPPOSITE)))
-    return [first, OPPOSITE[first]]
+def _apart(a, b) -> bool:
+    return a[2] + GAP <= b[0] or b[2] + GAP <= a[0] or a[3] + GAP <= b[1] or b[3] + GAP <= a[1]
 
 
-def _size_range(count: int) -> tuple[int, int]:
-    return (10, 13) if count == 1 else (9, 12)
+def free_layout(rng: np.random.Generator, sizes: list[int]) -> list[tuple[int, int]]:
+    """Centres anywhere in the frame, each object inside it and clear of the others.
+
+    Rejection sampling: a layout that does not fit starts again, all from the same generator.
+    """
+    while True:
+        centres: list[tuple[int, int]] = []
+        for size in sizes:
+            for _ in range(50):
+                low, high = size // 2 + 1, SIZE - size // 2 - 1
+                centre = (int(rng.integers(low, high)), int(rng.integers(low, high)))
+                if all(_apart(_extent(centre, size), _extent(c, s)) for c, s in zip(centres, sizes)):
+                    centres.append(centre)
+                    break
+            else:
+                break
+        if len(centres) == len(sizes):
+            return centres
+
+
+def _sizes(rng: np.random.Generator, minimums: list[int]) -> list[int]:
+    """One size per object; `minimums` (one per object) keep concepts such as rings legible."""
+    low, high = SIZE_RANGES[len(minimums)]
+    return [int(rng.integers(max(low, m), max(high, m) + 1)) for m in minimums]
+
+
+def _things(rng: np.random.Generator, items: list[tuple[str, tuple]], minimums: list[int]) -> list[Thing]:
+    """Things of the given (form, colours) at a free layout, each knowing its named position."""
+    sizes = _sizes(rng, minimums)
+    centres = free_layout(rng, sizes)
+    return [Thing(form, colours, c, s, seen_position(form, c, s)) for (form, colours), c, s in zip(items, centres, sizes)]
+
+
+def _caption(rng: np.random.Generator, phrases_of) -> str:
+    """Objects in a shuffled order, with position words 70% of the time."""
+    with_position = rng.random() < 0.7
+    phrases = phrases_of(with_position)
+    order = rng.permutation(len(phrases))
+    return " and ".join(phrases[i] for i in order)
+
+
+def _base_items(rng: np.random.Generator, count: int) -> list[tuple[str, tuple]]:
+    return [(str(rng.choice(SHAPES)), (str(rng.choice(list(COLOURS))),)) for _ in range(count)]
+
+
+def _object_count(rng: np.random.Generator) -> int:
+    return int(rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3]))
 
 
 def base_scene(seed: int) -> Scene:
-    """A training scene for the base model: 1-2 palette shapes, caption with positions 75% of the time."""
+    """A training scene for the base model: 1-3 palette shapes anywhere, each named in the caption."""
     rng = np.random.default_rng(seed)
-    count = int(rng.integers(1, 3))
-    things = [
-        place(rng, str(rng.choice(SHAPES)), (str(rng.choice(list(COLOURS))),), pos, _size_range(count))
-        for pos in _positions(rng, count)
-    ]
-    with_position = rng.random() < 0.75
-    caption = " and ".join(describe(t, with_position=with_position) for t in things)
+    items = _base_items(rng, _object_count(rng))
+    things = _things(rng, items, [0] * len(items))
+    caption = _caption(rng, lambda pos: [describe(t, with_position=pos) for t in things])
     return render(things, caption)
 
 
-def place_concept(rng: np.random.Generator, concept: Concept, position: str, count: int) -> Thing:
-    low, high = _size_range(count)
-    return place(rng, concept.form, concept.colours, position, (max(low, concept.min_size), max(high, concept.min_size)))
+def concept_item(concept: Concept) -> tuple[str, tuple]:
+    return concept.form, concept.colours
 
 
-def concept_scene(trigger: str, seed: int) -> Scene:
-    """A training image for one concept's LoRA: the concept alone (or, for a style, any base scene)."""
+def concept_scene(trigger: str, seed: int, others: int | None = None) -> Scene:
+    """A training image for one concept's LoRA: the concept beside 0-2 base objects, named in any order.
+
+    A style is any base scene on its background. As for real concept LoRAs, the concept is shown in
+    context, so the LoRA learns the concept and not "every object looks like it".
+    """
     concept = CONCEPTS[trigger]
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, 7])
     if trigger in STYLE_TRIGGERS:
         plain = base_scene(seed)
         return render(list(plain.things), f"{plain.caption} in {concept.phrase}", NIGHT_BACKGROUND)
-    position = str(rng.choice(list(POSITIONS)))
-    thing = place_concept(rng, concept, position, 1)
-    return render([thing], describe(thing, concept, with_position=rng.random() < 0.75))
+    count = int(rng.choice([0, 1, 2], p=[0.4, 0.4, 0.2])) if others is None else others
+    items = [concept_item(concept)] + _base_items(rng, count)
+    things = _things(rng, items, [concept.min_size] + [0] * count)
+    caption = _caption(rng, lambda pos: [describe(things[0], concept, pos)]
+                       + [describe(t, with_position=pos) for t in things[1:]])
+    return render(things, caption)
+
+
+def joint_scene(triggers: tuple[str, ...], seed: int) -> Scene:
+    """A training image holding several concepts at once (for a joint LoRA), sometimes with a base object."""
+    rng = np.random.default_rng([seed, 11])
+    concepts = [CONCEPTS[t] for t in triggers]
+    extra = int(rng.random() < 0.3) if len(triggers) < 3 else 0
+    items = [concept_item(c) for c in concepts] + _base_items(rng, extra)
+    things = _things(rng, items, [c.min_size for c in concepts] + [0] * extra)
+    caption = _caption(rng, lambda pos: [describe(t, c, pos) for t, c in zip(things, concepts)]
+                       + [describe(t, with_position=pos) for t in things[len(concepts):]])
+    return render(things, caption)
+
+
+def place(rng: np.random.Generator, form: str, colours: tuple, position: str, size: int) -> Thing:
+    """A thing at a named position's anchor with 1 px of jitter."""
+    x, y = POSITIONS[position]
+    jx, jy = rng.integers(-1, 2, size=2)
+    return Thing(form, colours, (x + int(jx), y + int(jy)), size, position)
 
 
 def mixed_scene(items: list[tuple[str, str]], style: str | None = None, seed: int = 0) -> Scene:
@@ -219,13 +303,15 @@ def mixed_scene(items: list[tuple[str, str]], style: str | None = None, seed: in
     [("sks", "left"), ("red circle", "right")], optionally all in a style trigger."""
     rng = np.random.default_rng(seed)
     things, phrases = [], []
+    low, high = SIZE_RANGES[len(items)]
     for name, position in items:
         concept = CONCEPTS.get(name)
         if concept:
-            thing = place_concept(rng, concept, position, len(items))
+            size = int(rng.integers(max(low, concept.min_size), max(high, concept.min_size) + 1))
+            thing = place(rng, concept.form, concept.colours, position, size)
         else:
             colour, shape = name.split()
-            thing = place(rng, shape, (colour,), position, _size_range(len(items)))
+            thing = place(rng, shape, (colour,), position, int(rng.integers(low, high + 1)))
         things.append(thing)
         phrases.append(describe(thing, concept))
     caption = " and ".join(phrases)
@@ -234,16 +320,23 @@ def mixed_scene(items: list[tuple[str, str]], style: str | None = None, seed: in
     return render(things, caption, NIGHT_BACKGROUND if style else BACKGROUND)
 
 
+OBJECT_TRIGGERS = tuple(t for t in CONCEPTS if t not in STYLE_TRIGGERS)
+
+
 def random_mixed_scene(seed: int) -> Scene:
-    """Two objects, at least one a concept, sometimes in the qpl style: varied ground truth."""
-    rng = np.random.default_rng(seed)
-    objects = [t for t in CONCEPTS if t not in STYLE_TRIGGERS]
-    plain = [f"{c} {s}" for c in COLOURS for s in SHAPES]
-    first = str(rng.choice(objects))
-    second = str(rng.choice(objects + plain))
-    positions = _positions(rng, 2)
-    style = str(rng.choice(STYLE_TRIGGERS)) if rng.random() < 0.3 else None
-    return mixed_scene(list(zip((first, second)[:: int(rng.choice([1, -1]))], positions)), style, seed)
+    """One to three objects, at least one a concept, sometimes in the qpl style: varied ground truth."""
+    rng = np.random.default_rng([seed, 3])
+    count = int(rng.integers(1, 4))
+    triggers = [str(t) for t in rng.choice(OBJECT_TRIGGERS, size=int(rng.integers(1, count + 1)), replace=False)]
+    concepts = [CONCEPTS[t] for t in triggers]
+    extra = count - len(concepts)
+    items = [concept_item(c) for c in concepts] + _base_items(rng, extra)
+    things = _things(rng, items, [c.min_size for c in concepts] + [0] * extra)
+    caption = _caption(rng, lambda pos: [describe(t, c, pos) for t, c in zip(things, concepts)]
+                       + [describe(t, with_position=pos) for t in things[len(concepts):]])
+    if rng.random() < 0.3 and "ohwx" not in triggers:
+        return render(things, f"{caption} in qpl style", NIGHT_BACKGROUND)
+    return render(things, caption)
 
 
 FORMS = ("circle", "square", "triangle", "ring", "plus", "two_tone_triangle")
@@ -251,14 +344,12 @@ FORMS = ("circle", "square", "triangle", "ring", "plus", "two_tone_triangle")
 
 def free_colour_scene(seed: int) -> Scene:
     """Any form in any colour on any background: teaches the VAE colours no caption names."""
-    rng = np.random.default_rng(seed)
-    count = int(rng.integers(1, 3))
-    things = [
-        place(rng, str(rng.choice(FORMS)), tuple(tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(2)),
-              pos, _size_range(count))
-        for pos in _positions(rng, count)
-    ]
-    return render(things, "", tuple(int(v) for v in rng.integers(0, 256, 3)))
+    rng = np.random.default_rng([seed, 5])
+    count = _object_count(rng)
+    colour = lambda: tuple(int(v) for v in rng.integers(0, 256, 3))
+    items = [(str(rng.choice(FORMS)), (colour(), colour())) for _ in range(count)]
+    things = _things(rng, items, [0] * count)
+    return render(things, "", colour())
 
 
 def varied_scene(seed: int) -> Scene:

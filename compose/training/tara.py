@@ -59,6 +59,8 @@ class TaraTrainingOptions:
     prompt: str | None = None  # caption of folder images; default "a photo of <rare> <class>"
     checkpoint_every: int = 100  # steps between resumable checkpoints; 0 writes one at the end only
     token_mask: bool = True  # False trains a plain LoRA (k/v updated at every token, no L_align) for other methods
+    prior_weight: float = 1.0  # weight of the prior-preservation loss, used when class images are given
+    prior_prompt: str | None = None  # caption of folder class images; default "a photo of <class>"
 
     def __post_init__(self):
         for name in ("rare_token", "class_word"):
@@ -71,7 +73,7 @@ class TaraTrainingOptions:
                 isinstance(value, int) and not isinstance(value, bool) and value >= low,
                 f"TARA training option {name} must be a whole number >= {low}, got {value!r}",
             )
-        for name in ("lr", "alpha", "lambda_align", "grad_clip"):
+        for name in ("lr", "alpha", "lambda_align", "grad_clip", "prior_weight"):
             value = getattr(self, name)
             require(
                 isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0,
@@ -92,6 +94,10 @@ class TaraTrainingOptions:
     @property
     def caption(self) -> str:
         return self.prompt or f"a photo of {self.rare_token} {self.class_word}"
+
+    @property
+    def prior_caption(self) -> str:
+        return self.prior_prompt or f"a photo of {self.class_word}"
 
 
 @dataclass
@@ -121,22 +127,28 @@ def train_tara(
     *,
     resume: bool = False,
     progress: bool = True,
+    prior: str | Path | Iterable | None = None,
 ) -> TaraTrainingResult:
     """Train one TARA concept LoRA on `pipe`'s UNet and save it to `out` (safetensors).
 
     data: a folder of png/jpg images (captioned `options.caption`), or (image, caption) pairs where
     the image is a PIL image, a path or an HxWx3 uint8 array and caption None means the default.
+    prior: class images in the same forms (captioned `options.prior_caption`) for DreamBooth's prior
+    preservation: each step adds `prior_weight` x the loss on a batch of them, so the LoRA keeps
+    what the base model draws for captions without the rare token.
     resume: continue from the checkpoint beside `out` when there is one. The pipeline is left as
     it was (the training adapter is removed, processors and adapter state restored).
     """
     resolution = options.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     check_resolution(pipe, resolution)
     examples = load_examples(data, options.caption)
+    priors = None if prior is None else load_examples(prior, options.prior_caption)
     lora_name = Path(out).stem
     with torch.no_grad():
         batch = prepare_batch(pipe, examples, resolution, options, lora_name)
+        prior_batch = None if priors is None else prepare_batch(pipe, priors, resolution, options, lora_name, prior=True)
     with training_adapter(pipe.unet, options) as (params, alignment):
-        return run_training(pipe, batch, params, alignment, options, Path(out), resume, progress)
+        return run_training(pipe, batch, params, alignment, options, Path(out), resume, progress, prior_batch)
 
 
 def check_resolution(pipe, resolution: int) -> None:
@@ -196,8 +208,14 @@ class TrainingBatch:
     added: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds and time_ids, one row per example
 
 
-def prepare_batch(pipe, examples, resolution: int, options: TaraTrainingOptions, lora_name: str) -> TrainingBatch:
-    """Encode images and captions once (VAE and text encoder are frozen), and find the token masks."""
+def prepare_batch(
+    pipe, examples, resolution: int, options: TaraTrainingOptions, lora_name: str, prior: bool = False
+) -> TrainingBatch:
+    """Encode images and captions once (VAE and text encoder are frozen), and find the token masks.
+
+    Class images for prior preservation (`prior`) have no rare token: their rare mask is empty, so a
+    token-masked update leaves their keys and values alone, and they add no alignment term.
+    """
     device, vae = pipe.unet.device, pipe.vae
     means, stds = [], []
     for image, _ in examples:
@@ -214,10 +232,11 @@ def prepare_batch(pipe, examples, resolution: int, options: TaraTrainingOptions,
         if caption not in encoded:
             encoded[caption] = encode_caption(pipe, caption, resolution)
         length = encoded[caption][0].shape[1]
-        rare.append(positions_mask(require_word(pipe.tokenizer, caption, options.rare_token, lora_name), length))
+        rare_positions = [] if prior else require_word(pipe.tokenizer, caption, options.rare_token, lora_name)
+        rare.append(positions_mask(rare_positions, length))
         positions = token_positions(pipe.tokenizer, caption, options.class_word)
         require(
-            bool(positions) or not options.aligns,
+            bool(positions) or not options.aligns or prior,
             f"caption '{caption}' lacks the class word '{options.class_word}' that the key-alignment loss needs; "
             "add it to the caption or set lambda_align to 0",
         )
@@ -228,7 +247,7 @@ def prepare_batch(pipe, examples, resolution: int, options: TaraTrainingOptions,
         latent_std=torch.cat(stds) * factor,
         embeds=torch.cat([encoded[caption][0] for _, caption in examples]),
         rare_mask=torch.stack(rare).to(device),
-        class_mask=torch.stack(concept).to(device) if options.aligns else None,
+        class_mask=torch.stack(concept).to(device) if options.aligns and not prior else None,
         added={key: torch.cat([a[key] for a in added]) for key in added[0]} if added[0] else None,
     )
 
@@ -288,8 +307,26 @@ def training_adapter(
         unet.train(was_training)
 
 
+def denoising_loss(unet, scheduler, batch: TrainingBatch, alignment, size: int, generator) -> torch.Tensor:
+    """MSE of the noise (or velocity) prediction on `size` random examples of `batch`, at random timesteps."""
+    index = torch.randint(batch.latent_mean.shape[0], (size,), generator=generator)
+    mean = batch.latent_mean[index]
+    latents = mean + batch.latent_std[index] * torch.randn(mean.shape, generator=generator).to(mean)
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    timesteps = torch.randint(scheduler.config.num_train_timesteps, (size,), generator=generator)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    alignment.start(batch.rare_mask[index], None if batch.class_mask is None else batch.class_mask[index])
+    added = None if batch.added is None else {key: value[index] for key, value in batch.added.items()}
+    prediction = unet(noisy, timesteps.to(unet.device), batch.embeds[index], added_cond_kwargs=added).sample
+    return F.mse_loss(prediction.float(), target.float())
+
+
 def run_training(
-    pipe, batch, params, alignment, options, out: Path, resume: bool, progress: bool
+    pipe, batch, params, alignment, options, out: Path, resume: bool, progress: bool, prior: TrainingBatch | None = None
 ) -> TaraTrainingResult:
     unet = pipe.unet
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -297,26 +334,14 @@ def run_training(
     generator = torch.Generator().manual_seed(options.seed)
     start = load_checkpoint(checkpoint_dir(out), params, optimizer, generator, options) if resume else 0
     result = TaraTrainingResult(path=out, steps=start)
-    count = batch.latent_mean.shape[0]
     began = time.perf_counter()
     bar = tqdm(range(start, options.steps), initial=start, total=options.steps, desc="train-tara", disable=not progress)
     for step in bar:
-        index = torch.randint(count, (options.batch_size,), generator=generator)
-        mean = batch.latent_mean[index]
-        latents = mean + batch.latent_std[index] * torch.randn(mean.shape, generator=generator).to(mean)
-        noise = torch.randn(latents.shape, generator=generator).to(latents)
-        timesteps = torch.randint(scheduler.config.num_train_timesteps, (options.batch_size,), generator=generator)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        if scheduler.config.prediction_type == "epsilon":
-            target = noise
-        else:
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        alignment.start(batch.rare_mask[index], None if batch.class_mask is None else batch.class_mask[index])
-        added = None if batch.added is None else {key: value[index] for key, value in batch.added.items()}
-        prediction = unet(noisy, timesteps.to(unet.device), batch.embeds[index], added_cond_kwargs=added).sample
-        mse = F.mse_loss(prediction.float(), target.float())
+        mse = denoising_loss(unet, scheduler, batch, alignment, options.batch_size, generator)
         align = alignment.loss()
         loss = mse + options.lambda_align * align
+        if prior is not None:
+            loss = loss + options.prior_weight * denoising_loss(unet, scheduler, prior, alignment, options.batch_size, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if options.grad_clip > 0:
@@ -351,7 +376,10 @@ def save_trained_lora(unet, out: Path, options: TaraTrainingOptions) -> Path:
 
 
 # What must match for a checkpoint to be resumed: anything that changes the model or the data stream.
-_RESUME_KEYS = ("rare_token", "class_word", "rank", "alpha", "batch_size", "resolution", "seed", "prompt", "token_mask")
+_RESUME_KEYS = (
+    "rare_token", "class_word", "rank", "alpha", "batch_size", "resolution", "seed", "prompt", "token_mask",
+    "prior_weight", "prior_prompt",
+)
 
 
 def save_checkpoint(folder: Path, params, optimizer, generator, options, step: int) -> None:

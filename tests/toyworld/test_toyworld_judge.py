@@ -4,21 +4,57 @@ import numpy as np
 import pytest
 
 from toyworld.judge import judge
-from toyworld.world import CONCEPTS, base_scene, concept_scene, mixed_scene
+from toyworld.world import (
+    CONCEPTS, OBJECT_TRIGGERS, base_scene, concept_scene, joint_scene, mixed_scene, random_mixed_scene,
+)
+
+
+def judged_right(scene, triggers) -> bool:
+    """Every object found at its place, as a concept when it is one, and nothing else found."""
+    reading = judge(scene.image)
+    if len(reading.detections) != len(scene.things):
+        return False
+    for thing, trigger in zip(scene.things, triggers):
+        if trigger and not reading.has_concept(trigger, thing.position):
+            return False
+        if not trigger and not reading.has(thing.form, thing.colours[0], thing.position):
+            return False
+    return True
 
 
 def test_judge_reads_rendered_scenes():
-    for seed in range(60):
-        scene = base_scene(seed)
+    wrong = [seed for seed in range(300) if not judged_right(base_scene(seed), [None] * 3)]
+    assert wrong == []
+
+
+@pytest.mark.parametrize("pair", [("sks", "zwx"), ("zwx", "ohwx"), ("sks", "zwx", "vrn")])
+def test_judge_reads_joint_scenes(pair):
+    scenes = [joint_scene(pair, seed) for seed in range(60)]
+    assert [s.caption for s in scenes if not judged_right(s, list(pair) + [None])] == []
+
+
+def test_judge_reads_random_mixed_scenes():
+    for seed in range(100):
+        scene = random_mixed_scene(seed)
         reading = judge(scene.image)
         assert len(reading.detections) == len(scene.things), scene.caption
-        for thing in scene.things:
-            assert reading.has(thing.form, thing.colours[0], thing.position), scene.caption
+        assert reading.night == ("qpl" in scene.caption)
+        for trigger in OBJECT_TRIGGERS:
+            if f"{trigger} " in scene.caption:
+                assert reading.has_concept(trigger), scene.caption
+
+
+def test_a_black_ring_or_a_pink_disc_is_no_concept():
+    from toyworld.world import Thing, render
+
+    for form, colour in (("ring", "black"), ("circle", "pink"), ("ring", "purple")):
+        scene = render([Thing(form, (colour,), (16, 16), 13)], "")
+        assert [d.concept for d in judge(scene.image).detections] == [None], (form, colour)
 
 
 @pytest.mark.parametrize("trigger", list(CONCEPTS))
 def test_judge_finds_concepts(trigger):
-    for seed in range(10):
+    for seed in range(40):
         scene = concept_scene(trigger, seed)
         reading = judge(scene.image)
         position = None if trigger == "qpl" else scene.things[0].position
@@ -27,7 +63,7 @@ def test_judge_finds_concepts(trigger):
 
 
 def test_judge_reads_mixed_scenes():
-    names = ["sks", "zwx", "vrn", "red circle"]
+    names = ["sks", "zwx", "vrn", "ohwx", "red circle"]
     for a, b in itertools.permutations(names, 2):
         reading = judge(mixed_scene([(a, "left"), (b, "right")], seed=2).image)
         for name, position in ((a, "left"), (b, "right")):
