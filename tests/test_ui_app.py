@@ -36,7 +36,7 @@ from ui.form import arrange, build_recipe, check_triggers, python_code, suggest_
 from ui.library import upload_stem
 from ui.options import option_fields, options_from_form, server_path_options
 from ui.pictures import for_display, library_card, library_picture, mask_pictures, region_preview
-from ui.previews import MAX_PREVIEWS_PER_SCAN, PreviewMaker
+from ui.previews import MAX_PREVIEWS_PER_SCAN, PREVIEW_ADAPTER, PreviewMaker
 
 
 @pytest.fixture()
@@ -393,18 +393,20 @@ def test_previews_are_made_in_the_background_and_cached_by_file_and_model(librar
 
 def test_previews_never_hold_up_a_page_and_stop_at_the_limit(library_dir, pipe, loras, tmp_path, monkeypatch):
     shutil.copy(loras["car"], library_dir / "car.safetensors")
+    shutil.copy(loras["te"], library_dir / "te.safetensors")
     library = LoraLibrary([library_dir], tmp_path / "uploads", pipe=pipe)
     slow = threading.Event()
     render = PreviewMaker._render
     monkeypatch.setattr(PreviewMaker, "_render", lambda maker, *args: (slow.wait(), render(maker, *args)))
-    previews = dict(preview_dir=tmp_path / "previews", preview_limit=1)
+    previews = dict(preview_dir=tmp_path / "previews", preview_limit=2)
     app = ComposeApp(pipe, library, "tiny", output_dir=tmp_path / "out", **previews)
     cards, *_ = app.sync_library({"names": [], "version": None}, [])  # while a preview is still being made
-    assert [caption for _, caption in cards] == ["car · vrn", "cat · sks", "dog · zwx"]
+    assert [caption for _, caption in cards] == ["car · vrn", "cat · sks", "dog · zwx", "te · sks"]
     assert np.array_equal(np.asarray(cards[2][0]), np.asarray(library_card("dog")))
     slow.set()
     app.previews.join()
-    assert len(list((tmp_path / "previews").glob("*.png"))) == 1  # car and dog need one, the limit is one
+    assert len(list((tmp_path / "previews").glob("*.png"))) == 2  # car, dog and te need one, the limit is two
+    assert list(pipe.unet.peft_config) == [PREVIEW_ADAPTER]  # each preview's LoRA replaced the last one
 
 
 # ----- examples --------------------------------------------------------------------------------

@@ -20,10 +20,12 @@ from compose.loading import file_sha256
 from compose.profiling import model_identity
 from pipelines.generate import generate
 
-from .form import LoraSettings, adapter_name, suggest_prompt
+from .form import LoraSettings, suggest_prompt
 from .library import LoraEntry
 
 PREVIEW_STEPS = 16
+# every preview loads its LoRA under this one adapter name, replacing the last one: memory stays flat
+PREVIEW_ADAPTER = "library_preview"
 MAX_PREVIEWS_PER_SCAN = 32  # a large new library costs at most this many generations per scan
 _log = logging.getLogger(__name__)
 
@@ -100,7 +102,7 @@ class PreviewMaker:
             "guidance": 7.5,
             "seed": 0,
             "method": "merge",
-            "loras": [{"source": str(entry.path), "name": adapter_name(entry.name), "trigger": entry.trigger}],
+            "loras": [{"source": str(entry.path), "name": PREVIEW_ADAPTER, "trigger": entry.trigger}],
         }
         with self.lock:
             image, _ = generate(self.pipe, recipe)
