@@ -2,7 +2,9 @@
 
 Every configuration runs once to warm up, then the configurations take turns for each repeat, so
 slow drift of a shared machine hits all of them alike; ratios are taken against single-LoRA
-generation (merge with the first LoRA) measured in the same run.
+generation (merge with the first LoRA) measured in the same run. Memory is what one image adds
+above the process's resident level before it (the process's own RSS only grows, so it would read
+alike on every row).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class BenchRow:
     ratio: float
     unet_calls: float
     unet_passes: float
-    peak_mb: float  # peak resident memory of the process during the image
+    peak_mb: float  # peak resident memory the image adds above the process's level before it (PeakMemory)
     memory_ratio: float = float("nan")
     error: str | None = None
 
@@ -99,7 +101,7 @@ def run_benchmark(
                     output_type="np",
                 )  # fmt: skip
                 seconds = time.perf_counter() - start
-            return seconds, out.unet_calls, out.unet_passes, peak.peak_rss_bytes / 2**20
+            return seconds, out.unet_calls, out.unet_passes, peak.rss_bytes / 2**20
 
         errors, samples = {}, {config: [] for config in configs}
         for config in configs:  # warm-up: loads adapters, fills caches
@@ -124,7 +126,7 @@ def run_benchmark(
         peak = max(s[3] for s in samples[config])
         rows.append(BenchRow(*config, seconds, seconds / single, calls, passes, peak))
     for row in rows:
-        row.memory_ratio = row.peak_mb / rows[0].peak_mb
+        row.memory_ratio = row.peak_mb / rows[0].peak_mb if rows[0].peak_mb > 0 else float("nan")
     return rows
 
 

@@ -1,17 +1,39 @@
 """Peak memory of a block of code above its starting level, for the harness and the benchmark.
 
 CPU: the process's resident set size sampled in a background thread (ru_maxrss cannot be reset, so
-it would report the peak of the whole process). GPU: torch's own allocator counter.
+it would report the peak of the whole process). glibc keeps freed memory resident for reuse, so
+after a first large block every later block would measure about nothing; the freed pages are handed
+back (malloc_trim) before each block starts, and each block's own peak shows. torch has no CPU
+allocator counter, and tracemalloc does not see torch's allocations. GPU: torch's own allocator counter.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import threading
 
 import torch
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
+
+
+def release_freed_memory() -> None:
+    """Return memory the C allocator keeps after frees to the system (glibc; elsewhere nothing to do)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def current_rss_bytes() -> int:
@@ -45,6 +67,7 @@ class PeakMemory:
         return self.device is not None and self.device.type == "cuda"
 
     def __enter__(self) -> "PeakMemory":
+        release_freed_memory()
         self._start = current_rss_bytes()
         self._peak = self._start
         if self._cuda:

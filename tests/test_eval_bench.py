@@ -26,3 +26,13 @@ def test_files_without_concept_words_need_a_prompt(pipe, loras):
     assert merge.error is None and single.unet_calls == 1
     with pytest.raises(ComposeError, match="between 1 and 1"):
         run_benchmark(pipe, ["merge"], [2], steps=1, repeats=1, files=files, prompt="a sks cat")
+
+
+def test_memory_differs_per_method_clora_backward_above_single(pipe, loras):
+    one_update = {"clora": {"max_iter_to_alter": 1, "refinement_rounds": 1}}  # one backward pass per image
+    files = [loras["cat"], loras["dog"]]
+    rows = run_benchmark(pipe, ["merge", "clora"], [2], steps=2, repeats=1, size=32, options=one_update, files=files)
+    table = {(row.method, row.num_loras): row for row in rows}
+    assert table[("clora", 2)].error is None
+    assert table[("clora", 2)].memory_ratio > 1.5 * table[("merge", 2)].memory_ratio
+    assert table[("clora", 2)].peak_mb > 1.5 * table[("single", 1)].peak_mb > 0
