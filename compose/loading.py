@@ -159,7 +159,7 @@ def check_data_length(path: Path, header: dict[str, dict], data_bytes: int) -> N
     for key, entry in header.items():
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise CorruptLoraFileError(f"{path}: tensor {key} has no valid data offsets; the file is damaged, get it again")
+            raise CorruptLoraFileError(f"{path}: tensor {key} has no valid data offsets; the file is damaged")
         ends.append(offsets[1])
     needed = max(ends, default=0)
     if data_bytes < needed:
