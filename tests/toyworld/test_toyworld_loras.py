@@ -2,13 +2,14 @@
 import pytest
 
 import toyworld
+from compose import LoraSpec
 from compose.loading import resolve_loras
 from pipelines.loading import load_pipeline
-from toyworld.train_loras import CLASS_WORDS, VARIANTS, concept_rate, generate, lora_file, measure_prompt
+from toyworld.train_loras import CLASS_WORDS, VARIANTS, concept_rate, gates, generate, lora_file
 
 LORAS = toyworld.default_lora_path()
 SEEDS = range(6)
-# Measured on 16 seeds (toyworld/loras/RECIPE.md): 94-100% with each LoRA under its method, 0% without.
+# Measured on 16 seeds in toyworld/loras/RECIPE.md; the base model never draws a concept.
 # A gain of half the seeds leaves a wide margin for the 6-seed sample.
 MIN_GAIN = 0.5
 FILES = [(trigger, variant) for variant in VARIANTS for trigger in CLASS_WORDS]
@@ -31,7 +32,8 @@ def test_shipped_loras_carry_trigger_and_concept(toy_pipe, variant):
 
 @pytest.mark.parametrize("trigger, variant", FILES)
 def test_lora_raises_the_judged_concept_rate(toy_pipe, trigger, variant):
-    prompt, method = measure_prompt(trigger), VARIANTS[variant][2]
-    with_lora = concept_rate(generate(toy_pipe, prompt, SEEDS, lora_file(LORAS, trigger, variant), method), trigger)
+    prompt, method = gates(trigger)[0].prompt, VARIANTS[variant][2]
+    loras = [LoraSpec(str(lora_file(LORAS, trigger, variant)))]
+    with_lora = concept_rate(generate(toy_pipe, prompt, SEEDS, loras, method), trigger)
     base = concept_rate(generate(toy_pipe, prompt, SEEDS), trigger)
     assert with_lora - base >= MIN_GAIN, (with_lora, base)
