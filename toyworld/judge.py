@@ -111,7 +111,7 @@ def concept_of(form: str, colours: tuple[str, ...], hue: float, left_hue: float,
                saturated: bool) -> str | None:
     for trigger, concept in CONCEPTS.items():
         if concept.colours and concept.colours[0] in ACHROMATIC:
-            if form == concept.form and colours[0] == concept.colours[0]:
+            if form == concept.form and colours[:1] == concept.colours[:1]:
                 return trigger
             continue
         if concept.form == "two_tone_triangle":

@@ -82,3 +82,15 @@ def test_plain_base_colours_are_not_concepts():
 def test_judge_rejects_wrong_size():
     with pytest.raises(ValueError, match="32x32"):
         judge(np.zeros((64, 64, 3), np.uint8))
+
+
+def test_a_disc_of_many_colours_is_no_concept():
+    """Generated confetti in a round blob: no colour holds a clear share, so it has no main colour."""
+    from toyworld.world import ALL_COLOURS, form_mask
+
+    image = np.full((32, 32, 3), 235, np.uint8)
+    disc = form_mask("circle", (16, 16), 14)
+    stripes = ["red", "blue", "green", "yellow", "purple"]
+    for row in range(32):
+        image[row][disc[row]] = ALL_COLOURS[stripes[row % 5]]
+    assert not any(d.concept for d in judge(image).detections)
