@@ -48,9 +48,9 @@ CONFIG_FIELDS = {
 }  # fmt: skip
 REQUIRED_FIELDS = ("lora_sets", "methods", "seeds")
 LORA_FIELDS = {"file", "weight", "trigger", "concept", "region", "prompt", "name"}
-SET_FIELDS = {"loras", "prompts"}
+SET_FIELDS = {"loras", "prompts", "seeds"}
 METHOD_FIELDS = {"name", "options", "label", "lora_sets"}
-# Ground-truth judges: name -> module with composition_scores(image, loras) -> row fields
+# Ground-truth judges: name -> module with composition_scores(image, loras, prompt) -> row fields
 # and check_composition(loras, height, width), which raises ValueError for what it cannot judge.
 JUDGES = {"toyworld": "toyworld.judge"}
 # Configs shipped with the project, run by name: `loracompose eval toyworld`.
@@ -78,6 +78,7 @@ class EvalConfig:
     methods: list[MethodEntry]
     seeds: list[int]
     set_prompts: dict[str, list[str]] = field(default_factory=dict)
+    set_seeds: dict[str, list[int]] = field(default_factory=dict)  # sets that run other seeds than `seeds`
     steps: int = 20
     height: int = 512
     width: int = 512
@@ -90,6 +91,9 @@ class EvalConfig:
 
     def prompts_for(self, lora_set: str) -> list[str]:
         return self.set_prompts.get(lora_set, self.prompts)
+
+    def seeds_for(self, lora_set: str) -> list[int]:
+        return self.set_seeds.get(lora_set, self.seeds)
 
 
 @dataclass(frozen=True)
@@ -162,7 +166,7 @@ def parse_config(raw: dict[str, Any], base: Path) -> EvalConfig:
     if pretrained is not None:
         pretrained = _text(pretrained, "clip_pretrained")
         pretrained = str((base / pretrained).resolve()) if (base / pretrained).is_file() else pretrained
-    lora_sets, set_prompts = _lora_sets(raw["lora_sets"], base)
+    lora_sets, set_prompts, set_seeds = _lora_sets(raw["lora_sets"], base)
     if "prompts" not in raw and len(set_prompts) < len(lora_sets):
         missing = sorted(set(lora_sets) - set(set_prompts))
         raise EvalConfigError("prompts", f"missing; it is required unless every LoRA set has its own (not {missing})")
@@ -176,6 +180,7 @@ def parse_config(raw: dict[str, Any], base: Path) -> EvalConfig:
         methods=_methods(raw["methods"], set(lora_sets)),
         seeds=_seeds(raw["seeds"]),
         set_prompts=set_prompts,
+        set_seeds=set_seeds,
         judge=judge,
         steps=_whole(raw.get("steps", 20), "steps", minimum=1),
         height=height,
@@ -222,17 +227,17 @@ def _prompts(value, where: str) -> list[str]:
     return [_text(prompt, f"{where}[{i}]") for i, prompt in enumerate(value)]
 
 
-def _seeds(value) -> list[int]:
+def _seeds(value, name: str = "seeds") -> list[int]:
     """A list of seeds, or a count N meaning seeds 0..N-1."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return list(range(value))
     if not isinstance(value, list) or not value:
-        raise EvalConfigError("seeds", f"must be a non-empty list of whole numbers, got {value!r}")
+        raise EvalConfigError(name, f"must be a non-empty list of whole numbers, got {value!r}")
     for i, seed in enumerate(value):
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise EvalConfigError(f"seeds[{i}]", f"must be a whole number in [0, 2**63), got {seed!r}")
+            raise EvalConfigError(f"{name}[{i}]", f"must be a whole number in [0, 2**63), got {seed!r}")
     if len(set(value)) != len(value):
-        raise EvalConfigError("seeds", f"lists a seed twice: {value}")
+        raise EvalConfigError(name, f"lists a seed twice: {value}")
     return list(value)
 
 
@@ -280,11 +285,12 @@ def _disjoint(first: tuple[str, ...] | None, second: tuple[str, ...] | None) -> 
     return first is not None and second is not None and not set(first) & set(second)
 
 
-def _lora_sets(value, base: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]]]:
-    """The sets' LoRA entries, and the prompts of sets that bring their own ({loras = [...], prompts = [...]})."""
+def _lora_sets(value, base: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]], dict[str, list[int]]]:
+    """The sets' LoRA entries, and the prompts and seeds of sets that bring their own
+    ({loras = [...], prompts = [...], seeds = 50})."""
     if not isinstance(value, dict) or not value:
         raise EvalConfigError("lora_sets", "must be a table of named lists of LoRA entries")
-    sets, prompts = {}, {}
+    sets, prompts, seeds = {}, {}, {}
     for set_name, entries in value.items():
         where = f"lora_sets.{set_name}"
         if isinstance(entries, dict):
@@ -293,11 +299,13 @@ def _lora_sets(value, base: Path) -> tuple[dict[str, list[dict[str, Any]]], dict
                 raise EvalConfigError(f"{where}.{unknown[0]}", f"unknown field; valid fields are {sorted(SET_FIELDS)}")
             if "prompts" in entries:
                 prompts[set_name] = _prompts(entries["prompts"], f"{where}.prompts")
+            if "seeds" in entries:
+                seeds[set_name] = _seeds(entries["seeds"], f"{where}.seeds")
             where, entries = f"{where}.loras", entries.get("loras")
         if not isinstance(entries, list) or not entries:
             raise EvalConfigError(where, "must be a non-empty list of LoRA entries {file, weight, trigger, ...}")
         sets[set_name] = [_lora_entry(entry, f"{where}[{i}]", base) for i, entry in enumerate(entries)]
-    return sets, prompts
+    return sets, prompts, seeds
 
 
 def _lora_entry(entry, where: str, base: Path) -> dict[str, Any]:
@@ -328,7 +336,7 @@ def expand_grid(config: EvalConfig) -> list[Job]:
         for prompt, set_name in shared + own
         for method in config.methods
         if method.lora_sets is None or set_name in method.lora_sets
-        for seed in config.seeds
+        for seed in config.seeds_for(set_name)
     ]
 
 
@@ -506,7 +514,7 @@ def run_job(pipe, scorer: CLIPScorer, config: EvalConfig, grid: PreparedGrid, jo
     start = time.perf_counter()
     scores = scorer.score_composition(image, job.prompt, grid.loras[job.lora_set])
     loras = grid.loras[job.lora_set]
-    judged = judge_module(config.judge).composition_scores(image, loras) if config.judge else {}
+    judged = judge_module(config.judge).composition_scores(image, loras, job.prompt) if config.judge else {}
     return {
         "id": job_id,
         "prompt": job.prompt,
@@ -550,7 +558,7 @@ def run_eval(
     """
     config = load_config(config_path)
     if seeds is not None:
-        config.seeds = _seeds(seeds)
+        config.seeds, config.set_seeds = _seeds(seeds), {}
     out = Path(out) if out is not None else default_out(config_path)
     # Without CUDA the processes talk over gloo; accelerate only picks it when told the run is on CPU.
     state = PartialState(cpu=not torch.cuda.is_available())

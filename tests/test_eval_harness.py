@@ -195,6 +195,8 @@ BAD_CONFIGS = {
     "set without prompts": (lambda c, t: c.pop("prompts"), "prompts"),
     "unknown set field": (lambda c, t: c["lora_sets"].update(dog={"loras": [], "prompt": "x"}), "lora_sets.dog.prompt"),
     "unknown judge": (lambda c, t: c.update(judge="eyes"), "judge"),
+    "bad seeds of a set": (lambda c, t: c["lora_sets"].update(dog={"loras": c["lora_sets"]["cat"], "seeds": [1, 1]}),
+                           "lora_sets.dog.seeds"),
     "box under a pixel of the map grid": (
         lambda c, t: (c["methods"].append("composer"), c["lora_sets"]["cat"][0].update(region=[0, 0, 1, 0.02])),
         "prompts[0]",
@@ -275,6 +277,26 @@ def test_judged_rows_say_which_concepts_are_drawn_and_where(tmp_path):
     assert row["all_in_region"] == all(row["judge_in_region"].values())
     assert {row["method"] for row in rows if row["lora_set"].endswith("_tara")} == {"tara"}
     assert {row["num_loras"] for row in rows} == {2, 3}
+
+
+def test_a_set_with_its_own_seeds_runs_them_until_a_quick_look_overrides_all(loras, tmp_path, monkeypatch):
+    raw = base_config(loras)
+    raw["seeds"] = 2
+    raw["lora_sets"]["cat"] = {"loras": raw["lora_sets"]["cat"], "seeds": [7]}
+    config = load_config(write_config(tmp_path, raw))
+    seeds = {(job.lora_set, job.seed) for job in expand_grid(config)}
+    assert seeds == {("cat", 7), ("cat_dog", 0), ("cat_dog", 1)}
+
+    class Expanded(Exception):
+        pass
+
+    def stop(pipe, config):
+        raise Expanded({(job.lora_set, job.seed) for job in expand_grid(config)})
+
+    monkeypatch.setattr(harness, "prepare_grid", stop)
+    with pytest.raises(Expanded) as quick:
+        run_eval(write_config(tmp_path, raw), tmp_path / "out", seeds=1)
+    assert quick.value.args[0] == {("cat", 0), ("cat_dog", 0)}
 
 
 def test_toml_yaml_and_json_configs_read_alike(loras, tmp_path):

@@ -198,13 +198,21 @@ def check_composition(loras, height: int, width: int) -> None:
             )
 
 
-def composition_scores(image, loras) -> dict:
-    """Evaluation row fields: which LoRAs' concepts the image shows, and whether each sits in its region.
+def expected_concepts(loras, prompt: str) -> list[str]:
+    """Each LoRA's trigger, then any other concept trigger the prompt names: a LoRA trained on two
+    concepts at once (the benchmark's ceiling) is asked for both although it has one trigger."""
+    triggers = [lora.trigger for lora in loras]
+    words = prompt.split()
+    return triggers + [t for t in CONCEPTS if t in words and t not in triggers]
+
+
+def composition_scores(image, loras, prompt: str = "") -> dict:
+    """Evaluation row fields: which concepts the image shows, and whether each LoRA's sits in its region.
 
     `all_in_region` is None when no LoRA has a region.
     """
     reading = judge(image)
-    present = {lora.trigger: reading.has_concept(lora.trigger) for lora in loras}
+    present = {trigger: reading.has_concept(trigger) for trigger in expected_concepts(loras, prompt)}
     placed = {
         lora.trigger: any(d.concept == lora.trigger and _centre_inside(d.box, lora.region) for d in reading.detections)
         for lora in loras

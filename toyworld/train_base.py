@@ -60,6 +60,15 @@ def load_latents(run_dir: Path, count: int) -> dict[str, torch.Tensor]:
     return data
 
 
+def learning_rate(step: int, args) -> float:
+    """Constant, then a linear fall to a tenth over the last `decay_steps` steps: a function of the
+    step alone, so a resumed run follows the same schedule."""
+    left = args.steps - step
+    if left >= args.decay_steps:
+        return args.lr
+    return args.lr * (0.1 + 0.9 * left / args.decay_steps)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -115,6 +124,8 @@ def train(args) -> None:
         loss = F.mse_loss(prediction, noise)
         optimizer.zero_grad()
         loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
         torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
         optimizer.step()
         step += 1
@@ -138,6 +149,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=40000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--decay-steps", type=int, default=0, help="fall to lr/10 over the last N steps")
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

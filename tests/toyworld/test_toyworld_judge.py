@@ -94,3 +94,17 @@ def test_a_disc_of_many_colours_is_no_concept():
     for row in range(32):
         image[row][disc[row]] = ALL_COLOURS[stripes[row % 5]]
     assert not any(d.concept for d in judge(image).detections)
+
+
+def test_a_joint_lora_is_asked_for_every_concept_its_prompt_names():
+    """The ceiling LoRA has one trigger but draws a pair: both concepts are judged, from the prompt."""
+    from types import SimpleNamespace
+
+    from toyworld.judge import composition_scores
+
+    scene = mixed_scene([("sks", "left"), ("zwx", "right")])
+    joint = [SimpleNamespace(trigger="sks", region=None)]
+    scores = composition_scores(scene.image, joint, "a sks square on the left and a zwx circle on the right")
+    assert scores["judge_present"] == {"sks": True, "zwx": True} and scores["all_in_region"] is None
+    missing = composition_scores(mixed_scene([("sks", "left")]).image, joint, "a sks square and a zwx circle")
+    assert missing["judge_present"] == {"sks": True, "zwx": False} and not missing["all_present"]
