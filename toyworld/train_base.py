@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from safetensors.torch import load_file
 
 from .components import build_text_encoder, build_unet, training_scheduler
 from .dataset import encode_posteriors, render_base_set
@@ -60,6 +61,19 @@ def load_latents(run_dir: Path, count: int) -> dict[str, torch.Tensor]:
     return data
 
 
+def load_exported(unet, text_encoder, model_dir: Path) -> None:
+    """Start from an exported model's weights (a fine-tune); its own checkpoint still wins on resume."""
+    for name, model in (("unet", unet), ("text_encoder", text_encoder)):
+        folder = model_dir / name
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{folder} holds no .safetensors weights: pass a folder made by toyworld.export")
+        weights = {k: v.float() for k, v in load_file(files[0]).items()}
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or any(not k.endswith("position_ids") for k in missing):
+            raise ValueError(f"{folder} does not match the toy model: missing {missing}, unexpected {unexpected}")
+
+
 def learning_rate(step: int, args) -> float:
     """Constant, then a linear fall to a tenth over the last `decay_steps` steps: a function of the
     step alone, so a resumed run follows the same schedule."""
@@ -81,6 +95,8 @@ def train(args) -> None:
     torch.manual_seed(args.seed)
     tokenizer = build_tokenizer()
     unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
+    if args.init_from:
+        load_exported(unet, text_encoder, Path(args.init_from))
     params = trainable(unet, text_encoder)
     ema = {k: v.detach().clone() for k, v in params.items()}
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr)
@@ -145,6 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default="/work/toyworld-run")
     parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--init-from", help="an exported model folder to fine-tune instead of starting from noise")
     parser.add_argument("--max-minutes", type=float, default=float("inf"))
     parser.add_argument("--images", type=int, default=40000)
     parser.add_argument("--batch", type=int, default=64)

@@ -35,6 +35,7 @@ POSITION_PHRASES = {
     "middle": "in the middle",
 }
 OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+PARTIAL_CAPTIONS = 0.5  # share of several-object base scenes whose caption names only some objects
 MIDDLE_RADIUS = 3  # a centre this close to the image centre is "in the middle"
 RING_WALL = 3  # px; a ring of size >= 11 keeps a hole of >= 5 px, over 2 latent pixels
 
@@ -252,8 +253,18 @@ def base_scene(seed: int) -> Scene:
     rng = np.random.default_rng(seed)
     items = _base_items(rng, _object_count(rng))
     things = _things(rng, items, [0] * len(items))
-    caption = _caption(rng, lambda pos: [describe(t, with_position=pos) for t in things])
+    named = _named(rng, len(things))
+    caption = _caption(rng, lambda pos: [describe(things[i], with_position=pos) for i in named])
     return render(things, caption)
+
+
+def _named(rng: np.random.Generator, count: int) -> list[int]:
+    """Which objects the caption names: all, or (PARTIAL_CAPTIONS of scenes with several) only some, as
+    real captions leave things out. A model trained so does not read "a red square" as "exactly one
+    object", which is what lets a region's own prompt add an object beside the others."""
+    if count < 2 or rng.random() >= PARTIAL_CAPTIONS:
+        return list(range(count))
+    return sorted(int(i) for i in rng.choice(count, int(rng.integers(1, count)), replace=False))
 
 
 def concept_item(concept: Concept) -> tuple[str, tuple]:
