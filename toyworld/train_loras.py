@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from PIL import Image
 
 import toyworld
 from compose import LoraSpec
+from compose.adapters import activate, restore, snapshot
+from compose.loading import load_adapters, resolve_loras
 from compose.training.tara import TaraTrainingOptions, checkpoint_dir, train_tara
 from pipelines.loading import load_pipeline
 from toyworld.judge import judge
@@ -64,12 +67,12 @@ def prior_pairs(count: int = PRIOR_SCENES) -> list[tuple[np.ndarray, str]]:
     return [(scene.image, scene.caption) for scene in scenes]
 
 
-def train_one(pipe, name: str, out: Path, variant: str, prior: bool) -> float:
+def train_one(pipe, name: str, out: Path, variant: str, prior: bool, training: dict = TRAINING) -> float:
     """Train one file and return its seconds; a rerun resumes from the checkpoint beside it."""
     trigger = JOINT[name][0] if name in JOINT else name
     path = lora_file(out, name, variant)
     options = TaraTrainingOptions(
-        rare_token=trigger, class_word=CLASS_WORDS[trigger], token_mask=VARIANTS[variant][1], **TRAINING
+        rare_token=trigger, class_word=CLASS_WORDS[trigger], token_mask=VARIANTS[variant][1], **training
     )
     began = time.perf_counter()
     train_tara(pipe, training_pairs(name), path, options, progress=False, resume=True,
@@ -139,9 +142,27 @@ def joint_gate(name: str) -> Gate:
     return Gate("both", prompt, JOINT[name], minimum=0.8)
 
 
+@contextmanager
+def always_on(pipe, path: Path, weight: float):
+    """The LoRA loaded and active for every token, as diffusers' own `load_lora_weights` leaves it:
+    how bleed is seen when no composition method (which all want the trigger) is involved."""
+    loras = resolve_loras(pipe, [LoraSpec(str(path), weight=weight)])
+    state = snapshot([pipe.unet])
+    load_adapters(pipe, loras)
+    activate(pipe.unet, {loras[0].adapter: weight})
+    try:
+        yield
+    finally:
+        restore([pipe.unet], state)
+
+
 def measure_gate(pipe, gate: Gate, seeds, path: Path | None, method: str) -> tuple[dict, list[Image.Image]]:
-    loras = [LoraSpec(str(path), weight=gate.weight)] if path else None
-    images = generate(pipe, gate.prompt, seeds, loras, method)
+    """A gate's judged rate. The trigger-free gate runs the LoRA always on, with no method."""
+    if path and gate.name == "no_trigger":
+        with always_on(pipe, path, gate.weight):
+            images = generate(pipe, gate.prompt, seeds)
+    else:
+        images = generate(pipe, gate.prompt, seeds, [LoraSpec(str(path), weight=gate.weight)] if path else None, method)
     passed = [all(has_item(judge(image), item) for item in gate.items) for image in images]
     return {**rate(passed), "minimum": gate.minimum, "prompt": gate.prompt, "weight": gate.weight}, images
 
@@ -177,7 +198,7 @@ def relative_change(path: Path, pipe) -> dict[str, float]:
                 continue
             down, up = f.get_tensor(key).float(), f.get_tensor(key.replace(".lora_A.", ".lora_B.")).float()
             module = key.split(".lora_A.")[0].removeprefix("unet.")
-            base = weights.get(f"{module}.weight")
+            base = weights.get(f"{module}.weight", weights.get(f"{module}.base_layer.weight"))
             if base is None:
                 continue
             scale = float(metadata.get("lora_alpha", down.shape[0])) / down.shape[0]
@@ -198,6 +219,8 @@ def main() -> None:
     parser.add_argument("--names", nargs="+", default=names, choices=names)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--no-prior", action="store_true", help="train without prior preservation")
+    for option in ("steps", "lr", "rank"):
+        parser.add_argument(f"--{option}", type=type(TRAINING[option]), default=TRAINING[option])
     parser.add_argument("--seeds", type=int, default=32)
     parser.add_argument("--first-seed", type=int, default=1000, help="measurement seeds (not the benchmark's)")
     parser.add_argument("--measure", action="store_true", help="only measure the LoRAs already in --out")
@@ -212,7 +235,8 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         for name in args.names:
             for variant in args.variants if name not in JOINT else ["plain"]:
-                seconds = train_one(pipe, name, args.out, variant, prior=not args.no_prior)
+                training = {**TRAINING, "steps": args.steps, "lr": args.lr, "rank": args.rank, "alpha": float(args.rank)}
+                seconds = train_one(pipe, name, args.out, variant, not args.no_prior, training)
                 print(f"{lora_file(args.out, name, variant).stem}: trained in {seconds:.0f} s", flush=True)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     figures, rows = measure(pipe, args.out, args.names, args.variants, seeds)
