@@ -65,3 +65,10 @@ def training_scheduler() -> DDPMScheduler:
 
 def sampling_scheduler() -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(**SCHEDULE, prediction_type="epsilon", algorithm_type="dpmsolver++")
+
+
+def load_checked(model, weights: dict, source: str) -> None:
+    """Load weights that must cover the model (position ids, a buffer, may be absent)."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.endswith("position_ids") for k in missing):
+        raise ValueError(f"{source} does not match the toy model: missing {missing}, unexpected {unexpected}")

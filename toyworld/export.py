@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from . import default_model_path
-from .components import build_text_encoder, build_unet, sampling_scheduler
+from .components import build_text_encoder, build_unet, load_checked, sampling_scheduler
 from .tokenizer import build_tokenizer
 
 
@@ -25,9 +25,7 @@ def load_ema_components(checkpoint: dict) -> tuple:
     unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
     for prefix, model in (("unet.", unet), ("text_encoder.", text_encoder)):
         weights = {k[len(prefix):]: v for k, v in checkpoint["ema"].items() if k.startswith(prefix)}
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or any("." in k and not k.endswith("position_ids") for k in missing):
-            raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+        load_checked(model, weights, "checkpoint")
     return tokenizer, unet.eval(), text_encoder.eval()
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
-from .components import build_text_encoder, build_unet, training_scheduler
+from .components import build_text_encoder, build_unet, load_checked, training_scheduler
 from .dataset import encode_posteriors, render_base_set
 from .tokenizer import build_tokenizer
 
@@ -69,9 +69,7 @@ def load_exported(unet, text_encoder, model_dir: Path) -> None:
         if not files:
             raise FileNotFoundError(f"{folder} holds no .safetensors weights: pass a folder made by toyworld.export")
         weights = {k: v.float() for k, v in load_file(files[0]).items()}
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or any(not k.endswith("position_ids") for k in missing):
-            raise ValueError(f"{folder} does not match the toy model: missing {missing}, unexpected {unexpected}")
+        load_checked(model, weights, str(folder))
 
 
 def learning_rate(step: int, args) -> float:
