@@ -7,13 +7,16 @@ prompts whose hidden states they are given.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from .adapters import BASE, activate, per_sample_adapters
+from .attention import truncation
+from .deep_cache import shallow_forward
 from .spec import ResolvedLora
 
 
@@ -119,38 +122,71 @@ class DenoiseContext:
         adapters = {lora.adapter: lora.weight} if lora.has_text_encoder else {}
         return self.encode(self.prompt if prompt is None else prompt, adapters)
 
-    def predict(self, latents: torch.Tensor, t, passes: Sequence[Pass]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def predict(
+        self,
+        latents: torch.Tensor,
+        t,
+        passes: Sequence[Pass],
+        *,
+        cond_only: bool = False,
+        stop_after: Collection[str] = (),
+        deep_features: Sequence[torch.Tensor] | None = None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """(uncond, cond) noise predictions of several passes on the same latents, as ONE batched forward.
 
         Passes naming adapters run with per-sample adapters; passes with adapter None use whatever
-        adapters are active. Without CFG the uncond prediction equals the cond one.
+        adapters are active. Without CFG, or with `cond_only` (a loss reads only the conditional
+        half's maps), the uncond prediction equals the cond one. `stop_after`: attention layers after
+        which the forward ends, returning None (the caller wanted their maps). `deep_features`: one
+        per pass (its CFG halves stacked) for DeepCache's shallow pass (compose.deep_cache), which is
+        not counted as a UNet call. Gradients reach `latents` when autograd is on (`latent_gradient`).
         """
-        halves = 2 if self.do_cfg else 1
+        halves = 2 if self.do_cfg and not cond_only else 1
         model_input = self.pipe.scheduler.scale_model_input(latents, t)
         model_input = model_input.repeat(halves * len(passes), 1, 1, 1)
         embeds = []
         for p in passes:
-            embeds += [p.negative_embeds, p.embeds] if self.do_cfg else [p.embeds]
+            embeds += [p.negative_embeds, p.embeds] if halves == 2 else [p.embeds]
         names = [p.adapter for p in passes]
-        self.unet_calls += 1
-        self.unet_passes += len(passes)
-        forward = lambda: self.forward(model_input, t, embeds)  # noqa: E731
-        if all(name is None for name in names):
-            eps = forward()
-        else:
-            if any(name is None for name in names):
-                raise ValueError("a batched call mixes explicit adapters with 'whatever is active'")
-            batch = latents.shape[0]
-            per_sample = [name for name in names for _ in range(halves * batch)]
-            with per_sample_adapters(self.unet, per_sample):
-                eps = forward()
+        if deep_features is None:
+            self.unet_calls += 1
+            self.unet_passes += len(passes)
+        deep = None if deep_features is None else torch.cat(list(deep_features))
+        with ExitStack() as stack:
+            if any(name is not None for name in names):
+                if any(name is None for name in names):
+                    raise ValueError("a batched call mixes explicit adapters with 'whatever is active'")
+                batch = latents.shape[0]
+                stack.enter_context(per_sample_adapters(self.unet, [n for n in names for _ in range(halves * batch)]))
+            stack.enter_context(truncation.stop_after(self.unet, stop_after))
+            try:
+                eps = self.forward(model_input, t, embeds, deep)
+            except truncation.ForwardTruncated:
+                return None
         chunks = eps.chunk(halves * len(passes))
-        if self.do_cfg:
+        if halves == 2:
             return [(chunks[2 * k], chunks[2 * k + 1]) for k in range(len(passes))]
         return [(chunk, chunk) for chunk in chunks]
 
-    def forward(self, sample: torch.Tensor, t, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The UNet on `sample` with these encoded prompts stacked along the batch (and their added conditions)."""
+    @staticmethod
+    def latent_gradient(latents: torch.Tensor, loss_of) -> tuple[float, torch.Tensor]:
+        """(loss, d loss / d latents) of `loss_of(latents)`: autograd is on for this one evaluation only."""
+        with torch.enable_grad():
+            leaf = latents.detach().requires_grad_(True)
+            loss = loss_of(leaf)
+            (grad,) = torch.autograd.grad(loss, leaf)
+        return float(loss), grad
+
+    def forward(
+        self, sample: torch.Tensor, t, hidden_states: Sequence[torch.Tensor], deep_feature: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The UNet on `sample` with these encoded prompts stacked along the batch (and their added conditions);
+        given a deep feature, only its outermost blocks (`compose.deep_cache.shallow_forward`)."""
+        if deep_feature is not None:
+            return shallow_forward(
+                self.unet, sample, t, torch.cat(list(hidden_states)), deep_feature, self.cross_attention_kwargs,
+                self.added_conditions(hidden_states),
+            )  # fmt: skip
         return self.unet(
             sample,
             t,

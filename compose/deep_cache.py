@@ -10,12 +10,9 @@ embeddings, other addition embeddings and centred input are not).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
-
-from .adapters import per_sample_adapters
-from .context import DenoiseContext, Pass
 
 
 def supports_shallow_pass(unet) -> str | None:
@@ -85,22 +82,3 @@ def shallow_forward(
 def split_features(feature: torch.Tensor, count: int) -> list[torch.Tensor]:
     """The deep feature of one batched forward, cut into its `count` passes (each with its CFG halves)."""
     return list(feature.chunk(count))
-
-
-def shallow_predict(
-    ctx: DenoiseContext, latents: torch.Tensor, t, passes: Sequence[Pass], features: Sequence[torch.Tensor]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(uncond, cond) of several shallow passes as one batched call, laid out as `DenoiseContext.predict` does."""
-    halves = 2 if ctx.do_cfg else 1
-    model_input = ctx.pipe.scheduler.scale_model_input(latents, t).repeat(halves * len(passes), 1, 1, 1)
-    embeds = [e for p in passes for e in ([p.negative_embeds, p.embeds] if ctx.do_cfg else [p.embeds])]
-    names = [p.adapter for p in passes for _ in range(halves * latents.shape[0])]
-    with per_sample_adapters(ctx.unet, names):
-        eps = shallow_forward(
-            ctx.unet, model_input, t, torch.cat(embeds), torch.cat(list(features)), ctx.cross_attention_kwargs,
-            ctx.added_conditions(embeds),
-        )  # fmt: skip
-    chunks = eps.chunk(halves * len(passes))
-    if ctx.do_cfg:
-        return [(chunks[2 * k], chunks[2 * k + 1]) for k in range(len(passes))]
-    return [(chunk, chunk) for chunk in chunks]

@@ -31,7 +31,8 @@ from compose.errors import InvalidOptionError
 from compose.tokens import token_positions
 from compose.masks import attention_masks, dilate, erode, fuse_noise_predictions, morph, threshold_mask
 import compose.methods.clora as clora_module
-from compose.methods.clora import CloraMethod, CloraOptions, TruncatingStore, step_index
+from compose.attention.capture import AttentionStore
+from compose.methods.clora import CloraMethod, CloraOptions, step_index
 from pipelines.tiny import tiny_tokenizer
 from tests.conftest import PROMPT, generator
 
@@ -287,7 +288,7 @@ def test_one_concept_runs_without_updates(pipe, loras):
 def test_no_graph_is_kept_on_steps_without_update(pipe, loras, monkeypatch):
     recorded: list[tuple[int, bool]] = []
     step = {"i": -1}
-    record, predict = TruncatingStore.record, CloraMethod.noise_prediction
+    record, predict = AttentionStore.record, CloraMethod.noise_prediction
 
     def spy_record(self, name, probs):
         recorded.append((step["i"], probs.requires_grad))
@@ -300,7 +301,7 @@ def test_no_graph_is_kept_on_steps_without_update(pipe, loras, monkeypatch):
         assert all(m.grad_fn is None and not m.requires_grad for m in self.store.maps.values())
         return eps, latents
 
-    monkeypatch.setattr(TruncatingStore, "record", spy_record)
+    monkeypatch.setattr(AttentionStore, "record", spy_record)
     monkeypatch.setattr(CloraMethod, "noise_prediction", spy_predict)
     clora(pipe, [loras["cat"], loras["dog"]], steps=2, options=ONE_UPDATE)
     assert any(grad for i, grad in recorded if i == 0)  # the update step does build a graph

@@ -17,10 +17,6 @@ from .base import ComposableAttnProcessor, attention_probs, merge_heads, split_h
 from .capture import AttentionStore
 
 
-class ForwardTruncated(Exception):
-    """Raised once every map a loss reads is recorded: the rest of the UNet forward is not needed."""
-
-
 class MapRecorder:
     """Regional cross-attention maps (one store per region) and self-attention maps of a few layers."""
 
@@ -30,17 +26,16 @@ class MapRecorder:
         self.cross_layers = frozenset(cross_layers)
         self.self_layers = frozenset(self_layers)
 
+    @property
+    def layers(self) -> frozenset[str]:
+        """Every layer it records: the forward may stop once they ran."""
+        return self.cross_layers | self.self_layers
+
     def record_cross(self, name: str, region: int, probs: torch.Tensor) -> None:
         self.cross[region].record(name, probs)
-        self._stop_when_complete()
 
     def record_self(self, name: str, probs: torch.Tensor) -> None:
         self.self_maps.record(name, probs)
-        self._stop_when_complete()
-
-    def _stop_when_complete(self) -> None:
-        if self.self_layers <= set(self.self_maps.maps) and all(self.cross_layers <= set(s.maps) for s in self.cross):
-            raise ForwardTruncated
 
 
 @dataclass
@@ -101,12 +96,11 @@ class RegionCrossAttnProcessor(ComposableAttnProcessor):
             if recording:
                 probs = attention_probs(attn, query, key)
                 heads_out = torch.matmul(probs, value).index_select(2, index)
+                recorder.record_cross(self.name, k, probs)
             else:
                 heads_out = self.attend(attn, query, key, value, None)
             regional = with_delta(attn.to_out[0], adapter, merge_heads(heads_out).to(out.dtype))
             total = total.index_add(1, index, regional)
-            if recording:  # may end the forward, so only after this region's output exists
-                recorder.record_cross(self.name, k, probs)
         return torch.where(self.covered[:, None], total / self.counts[:, None].to(out.dtype), out)
 
 

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters import BASE, per_sample_adapters, tuner_layers
+from ..adapters import BASE, tuner_layers
 from ..attention.capture import AttentionStore, CaptureAttnProcessor
-from ..attention.regions import ForwardTruncated
 from ..attention.layers import attention_layers, install_processors, layer_grid, layers_near_factor
 from ..concept_prompts import Concept, ConceptError, MissingConceptError, concept_prompts, infer_concept
 from ..context import Pass
@@ -150,7 +149,7 @@ class CloraMethod(CompositionMethod):
         self.layers = layers_near_factor(ctx.unet, MAP_FACTOR, cross=True)
         factor = next(layer.factor for layer in attention_layers(ctx.unet) if layer.name == self.layers[0])
         self.grid = layer_grid(ctx.latent_hw, factor)
-        self.store = TruncatingStore(self.layers)
+        self.store = AttentionStore()
         install_processors(ctx.unet, {name: CaptureAttnProcessor(self.store, name) for name in self.layers})
 
         steps = len(ctx.timesteps)
@@ -207,43 +206,29 @@ class CloraMethod(CompositionMethod):
         half, cut after the map layers); without it, it is the full CFG forward whose (then stale)
         predictions the reference uses, returned here.
         """
-        latents = latents.detach().requires_grad_(True)
+        pairs = None
+
+        def loss_of(z):
+            nonlocal pairs
+            self.store.clear()
+            if self.options.recompute_after_update:
+                both_halves = self.options.use_uncond_maps and ctx.do_cfg
+                ctx.predict(z, t, self.passes, cond_only=not both_halves, stop_after=self.layers)
+            else:
+                both_halves = ctx.do_cfg
+                pairs = ctx.predict(z, t, self.passes)
+            maps = self._maps(z.shape[0], 2 if both_halves else 1)
+            tokens, tau = self.plan.concept_tokens, self.options.tau
+            return sum(concept_token_loss(image_maps, tokens, tau) for image_maps in maps.unbind(1))
+
         self.store.keep_grad = True
         try:
-            with torch.enable_grad():
-                if self.options.recompute_after_update:
-                    pairs, halves = None, self._map_forward(ctx, latents, t)
-                else:
-                    pairs, halves = ctx.predict(latents, t, self.passes), 2 if ctx.do_cfg else 1
-                maps = self._maps(latents.shape[0], halves)
-                tokens, tau = self.plan.concept_tokens, self.options.tau
-                loss = sum(concept_token_loss(image_maps, tokens, tau) for image_maps in maps.unbind(1))
-                (grad,) = torch.autograd.grad(loss, latents)
+            loss, grad = ctx.latent_gradient(latents, loss_of)
         finally:
             self.store.keep_grad = False
             self.store.maps = {name: probs.detach() for name, probs in self.store.maps.items()}
         kept = None if pairs is None else [(u.detach(), c.detach()) for u, c in pairs]
-        return (latents - self.options.step_size * grad).detach(), kept, float(loss)
-
-    def _map_forward(self, ctx, latents, t) -> int:
-        """All passes on their conditional embeddings (and negative ones with use_uncond_maps), stopped
-        once the map layers ran; returns how many halves the batch had."""
-        halves = 2 if self.options.use_uncond_maps and ctx.do_cfg else 1
-        embeds = [e for p in self.passes for e in ((p.negative_embeds, p.embeds) if halves == 2 else (p.embeds,))]
-        names = [p.adapter for p in self.passes for _ in range(halves * latents.shape[0])]
-        model_input = ctx.pipe.scheduler.scale_model_input(latents, t).repeat(halves * len(self.passes), 1, 1, 1)
-        ctx.unet_calls += 1
-        ctx.unet_passes += len(self.passes)
-        self.store.clear()
-        self.store.truncate = True
-        try:
-            with per_sample_adapters(ctx.unet, names):
-                ctx.forward(model_input, t, embeds)
-        except ForwardTruncated:
-            pass
-        finally:
-            self.store.truncate = False
-        return halves
+        return latents - self.options.step_size * grad, kept, loss
 
     def _maps(self, images: int, halves: int) -> torch.Tensor:
         """Head- and layer-averaged maps (K, images, h, w, tokens) of the cond half (or both halves)."""
@@ -254,20 +239,6 @@ class CloraMethod(CompositionMethod):
     def release(self, ctx):
         for hook in self._hooks:
             hook.remove()
-
-
-class TruncatingStore(AttentionStore):
-    """An AttentionStore that ends the UNet forward, when asked to, once all its layers recorded."""
-
-    def __init__(self, layers):
-        super().__init__()
-        self.layers = frozenset(layers)
-        self.truncate = False
-
-    def record(self, name, probs):
-        super().record(name, probs)
-        if self.truncate and self.layers <= set(self.maps):
-            raise ForwardTruncated
 
 
 def add_adapter_to_every_pass(unet, adapter: str, weight: float):

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ..deep_cache import deep_features, shallow_predict, split_features, supports_shallow_pass
+from ..deep_cache import deep_features, split_features, supports_shallow_pass
 from ..errors import InvalidOptionError
 from ..frequency import rank_by_score
 from ..profiling import ProfileSettings, profile_loras
@@ -253,7 +253,7 @@ class CmloraMethod(CompositionMethod):
         cached = [k for k in range(len(ctx.loras)) if k not in plan.fresh]
         if cached:
             passes = [ctx.lora_pass(ctx.loras[k]) for k in cached]
-            pairs = shallow_predict(ctx, latents, t, passes, [self._features[k] for k in cached])
+            pairs = ctx.predict(latents, t, passes, deep_features=[self._features[k] for k in cached])
             self._cache.update(zip(cached, [ctx.guide(uncond, cond) for uncond, cond in pairs]))
             ctx.outputs["shallow_unet_calls"] += 1
             ctx.outputs["shallow_unet_passes"] += len(cached)

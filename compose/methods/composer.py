@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from ..adapters import activate
 from ..attention.layers import attention_layers, install_processors, layer_grid, layers_near_factor
 from ..attention.regions import (
-    ForwardTruncated,
     MapRecorder,
     RegionCrossAttnProcessor,
     RegionIsolationAttnProcessor,
@@ -204,13 +203,9 @@ class ComposerMethod(CompositionMethod):
     def guided_update(self, ctx, latents, t, i):
         """One gradient step of the region losses on the latent; autograd only here, w.r.t. the latent only."""
         options = self.options
-        with torch.enable_grad():
-            z = latents.detach().requires_grad_(True)
-            loss = self.loss(ctx, z, t)
-            (grad,) = torch.autograd.grad(loss, z)
+        value, grad = ctx.latent_gradient(latents, lambda z: self.loss(ctx, z, t))
         s = torch.linspace(1.0, 0.5, len(ctx.timesteps))[i].item()
-        latents = (z - options.step_size * math.sqrt(s) * grad).detach()
-        value = loss.item()
+        latents = latents - options.step_size * math.sqrt(s) * grad
         ctx.outputs["composer_losses"].append(value)
         self._guiding = guidance_continues(i, value, self._previous_loss, options.patience)
         self._previous_loss = value
@@ -234,11 +229,9 @@ class ComposerMethod(CompositionMethod):
         self.state.contexts = self._cond_contexts
         recorder = MapRecorder(len(self._regional), self._map_cross, self._map_self if self_maps else (), keep_grad)
         self.state.recorder = recorder
-        ctx.unet_calls += 1
+        negative, embeds = self._global
         try:
-            ctx.forward(ctx.pipe.scheduler.scale_model_input(latents, t), t, [self._global[1]])
-        except ForwardTruncated:
-            pass
+            ctx.predict(latents, t, [Pass(None, negative, embeds)], cond_only=True, stop_after=recorder.layers)
         finally:
             self.state.recorder = None
         return recorder
