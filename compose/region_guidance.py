@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .attention.layers import REFERENCE_MAP_CELLS
+
 
 def mask_bounds(mask: torch.Tensor) -> tuple[int, int, int, int]:
     """(top, left, bottom, right) of the smallest box holding every pixel of a non-empty mask."""
@@ -30,6 +32,17 @@ def gaussian_smooth(maps: torch.Tensor, kernel_size: int = 3, sigma: float = 0.5
     mode = "reflect" if min(maps.shape[-2:]) > pad else "replicate"
     smoothed = F.conv2d(F.pad(flat, (pad, pad, pad, pad), mode=mode), kernel)
     return smoothed.reshape(maps.shape)
+
+
+REFERENCE_BLUR = (3, 0.5)  # the published Gaussian smoothing of the maps: kernel size, sigma (in map cells)
+
+
+def smoothing_for(map_hw: tuple[int, int]) -> tuple[int, float]:
+    """(kernel size, sigma) of the map smoothing, scaled with the map so it blurs the same fraction of the
+    image: the published (3, 0.5) at SD 1.5's 16x16 maps, (5, 1.0) at 32x32; the kernel keeps >= 3 cells."""
+    scale = min(map_hw) / REFERENCE_MAP_CELLS
+    kernel, sigma = REFERENCE_BLUR
+    return 2 * max(1, round(scale * (kernel - 1) / 2)) + 1, sigma * scale
 
 
 def box_gaussian(mask: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
@@ -87,15 +100,18 @@ def composer_loss(
     fill_weight: float = 2.0,
     reg_weight: float = 10.0,
     top_ratio: float = 0.2,
+    blur: tuple[int, float] = REFERENCE_BLUR,
 ) -> torch.Tensor:
     """L = sum over regions of L_fg + L_fill + L_reg; a zero weight drops its term.
 
     token_maps[k]: (batch, tokens, h, w) regional cross-attention of region k's concept tokens;
-    self_maps: (batch, h*w, h*w) or None when reg_weight is 0.
+    self_maps: (batch, h*w, h*w) or None when reg_weight is 0; blur: (kernel size, sigma) of the
+    maps' smoothing (`smoothing_for`). The top-k counts are a fraction of each box's area, so they
+    scale with the map by themselves.
     """
     total = token_maps[0].new_zeros(())
     for maps, mask in zip(token_maps, masks):
-        smoothed = gaussian_smooth(maps)
+        smoothed = gaussian_smooth(maps, *blur)
         if fg_weight:
             total = total + concept_enhancement_loss(smoothed, mask, fg_weight, top_ratio)
         if fill_weight:

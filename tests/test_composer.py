@@ -34,6 +34,7 @@ from compose.region_guidance import (
     gaussian_smooth,
     region_restriction_loss,
     reinitialize_latents,
+    smoothing_for,
 )
 from compose.regions import Box, region_mask
 from pipelines import composition
@@ -292,6 +293,30 @@ def test_guided_update_lowers_the_loss_and_touches_only_the_latent(pipe, loras):
     assert all(p.grad is None for p in pipe.unet.parameters())
 
 
+@pytest.mark.parametrize("steps, guided", [(50, 25), (4, 2), (3, 1), (25, 12)])
+def test_guidance_steps_are_a_fraction_of_the_schedule(pipe, loras, steps, guided):
+    """The reference guides at most the first half of its 50 steps: 25 of 50, and half of any other count."""
+    specs = [LoraSpec(loras["cat"], region=LEFT)]
+    method, ctx = prepared(pipe, specs)
+    ctx.timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, "cpu")
+    method.prepare(ctx)
+    assert method._guidance_steps == guided
+    counted = build_method("composer", {"guidance_steps": 7})
+    counted.check(pipe, PROMPT, ctx.loras)
+    counted.prepare(ctx)
+    assert counted._guidance_steps == 7  # a whole number stays a count
+
+
+def test_smoothing_scales_with_the_map_and_is_the_published_one_at_sd15_sizes():
+    assert smoothing_for((16, 16)) == (3, 0.5)  # SD 1.5 at 512 px: the reference's 3x3, sigma 0.5
+    assert smoothing_for((32, 48)) == (5, 1.0)
+    assert smoothing_for((8, 8)) == (3, 0.25)
+    for side in (8, 16, 24, 32, 64):  # the same blur as a fraction of the map at every size
+        kernel, sigma = smoothing_for((side, 2 * side))
+        assert sigma / side == 0.5 / 16 and kernel % 2 == 1 and kernel >= 3
+        assert (kernel - 1) / 2 >= min(2 * sigma, 1)  # the kernel reaches out 2 sigma (at least one cell)
+
+
 def test_mask_images_work_as_regions_and_the_call_restores_the_pipeline(pipe, loras):
     processors = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
     half = np.zeros((64, 64), dtype=np.uint8)
@@ -303,8 +328,8 @@ def test_mask_images_work_as_regions_and_the_call_restores_the_pipeline(pipe, lo
     )
     by_mask = latents_of(pipe, PROMPT, loras=masks, method="composer")
     torch.testing.assert_close(by_mask, by_box.images)
-    assert len(by_box.extras["composer_losses"]) == 2
-    assert by_box.unet_calls == 2 + 1 + 2  # CFG passes, one re-init forward, one guided forward per step
+    assert len(by_box.extras["composer_losses"]) == 1  # guidance_steps 0.5 of 2 steps
+    assert by_box.unet_calls == 2 + 1 + 1  # CFG passes, one re-init forward, one guided forward
     assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == processors
 
 
@@ -345,7 +370,8 @@ def test_boxes_outside_the_image_or_empty_are_refused():
 
 
 def test_options_are_validated():
-    assert ComposerOptions().guidance_steps == 25
-    for bad in [{"isolation": 1}, {"guidance_steps": -1}, {"fg_weight": float("nan")}, {"map_factor": 0}]:
+    assert ComposerOptions().guidance_steps == 0.5
+    for bad in [{"isolation": 1}, {"guidance_steps": -1}, {"guidance_steps": 1.5}, {"guidance_steps": True},
+                {"fg_weight": float("nan")}, {"map_factor": 0}, {"patience": 0.5}]:  # fmt: skip
         with pytest.raises(InvalidOptionError):
             build_method("composer", bad)

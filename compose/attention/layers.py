@@ -45,6 +45,25 @@ def layers_near_factor(unet, factor: int, cross: bool = True) -> list[str]:
     return [layer.name for layer in candidates if layer.factor == best]
 
 
+REFERENCE_MAP_CELLS = 16  # SD 1.5's maps at 512 px: 16x16, 1/32 of the image
+
+
+def map_factor(unet, latent_hw: tuple[int, int], requested: int | None = None) -> int:
+    """The latent downsampling of the cross-attention maps a method reads.
+
+    `requested`: that factor, or the nearest one the UNet has. None: the coarsest resolution whose
+    maps still have REFERENCE_MAP_CELLS cells on their short side (SD 1.5 at 512 px: 16x16, at 768 px:
+    24x24, SDXL at 1024 px: 32x32: each 1/32 of the image, as the references read), or the finest
+    there is on a model too small for that.
+    """
+    if requested is not None:
+        name = layers_near_factor(unet, requested, cross=True)[0]
+        return next(layer.factor for layer in attention_layers(unet) if layer.name == name)
+    factors = {layer.factor for layer in attention_layers(unet) if layer.cross}
+    fine_enough = [f for f in factors if min(layer_grid(latent_hw, f)) >= REFERENCE_MAP_CELLS]
+    return max(fine_enough) if fine_enough else min(factors)
+
+
 def layer_grid(latent_hw: tuple[int, int], factor: int) -> tuple[int, int]:
     """Spatial size of a layer: each stride-2 downsample rounds up."""
     height, width = latent_hw

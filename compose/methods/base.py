@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -94,3 +95,23 @@ def require(condition: bool, message: str) -> None:
     """Option validation in __post_init__: one line per rule."""
     if not condition:
         raise InvalidOptionError(message)
+
+
+def is_whole(value, minimum: int) -> bool:
+    """An int (not a bool) >= minimum."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def is_step(value) -> bool:
+    """A step given as a count (int >= 0) or as a fraction of the steps (float in [0, 1])."""
+    if isinstance(value, bool):
+        return False
+    return (isinstance(value, int) and value >= 0) or (isinstance(value, float) and 0.0 <= value <= 1.0)
+
+
+STEP = "a step count (int >= 0) or a fraction of the steps (float in [0, 1])"  # what is_step accepts, for messages
+
+
+def step_index(value: int | float, steps: int) -> int:
+    """A count stays as is; a fraction of `steps` rounds down (0.5 of 50 steps -> 25)."""
+    return value if isinstance(value, int) else math.floor(value * steps)

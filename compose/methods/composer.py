@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import activate
-from ..attention.layers import attention_layers, install_processors, layer_grid, layers_near_factor
+from ..attention.layers import attention_layers, install_processors, layer_grid, layers_near_factor, map_factor
 from ..attention.regions import (
     MapRecorder,
     RegionCrossAttnProcessor,
@@ -28,10 +28,10 @@ from ..attention.regions import (
 )
 from ..context import Pass
 from ..errors import InvalidOptionError, InvalidRegionError
-from ..region_guidance import composer_loss, reinitialize_latents
+from ..region_guidance import composer_loss, reinitialize_latents, smoothing_for
 from ..regions import check_region_fits, region_mask
 from ..tokens import token_positions, word_spans
-from .base import CompositionMethod, require
+from .base import STEP, CompositionMethod, is_step, is_whole, require, step_index
 
 
 @dataclass
@@ -40,13 +40,13 @@ class ComposerOptions:
     isolation: bool = True  # mask self-attention between different regions
     reinit: bool = True  # re-arrange the initial noise before the loop
     guidance: bool = True  # loss-guided latent updates in the early steps
-    guidance_steps: int = 25  # at most this many first steps get an update
+    guidance_steps: int | float = 0.5  # at most these first steps get an update: a fraction of the steps, or a count
     patience: int = 5  # from this step on, guidance stops for good once the loss rises
     step_size: float = 20.0  # eta_i = step_size * sqrt(s_i), s = linspace(1, 0.5, steps)
     fg_weight: float = 8.0  # L_fg, concept enhancement (0 switches it off)
     fill_weight: float = 2.0  # L_fill, region filling (0 switches it off)
     reg_weight: float = 10.0  # L_reg, region perceptual restriction (0 switches it off)
-    map_factor: int = 4  # latent downsampling of the layers whose maps re-init and losses read (SD 1.5: 1/32 image)
+    map_factor: int | None = None  # latent downsampling of the maps re-init and losses read; None: by the latent size
 
     def __post_init__(self):
         require(
@@ -56,12 +56,16 @@ class ComposerOptions:
         for flag in ("isolation", "reinit", "guidance"):
             value = getattr(self, flag)
             require(isinstance(value, bool), f"composer option {flag} must be true or false, got {value!r}")
-        for count, least in (("guidance_steps", 0), ("patience", 0), ("map_factor", 1)):
-            value = getattr(self, count)
-            require(
-                isinstance(value, int) and not isinstance(value, bool) and value >= least,
-                f"composer option {count} must be a whole number >= {least}, got {value!r}",
-            )
+        require(
+            is_step(self.guidance_steps), f"composer option guidance_steps must be {STEP}, got {self.guidance_steps!r}"
+        )
+        require(
+            is_whole(self.patience, 0), f"composer option patience must be a whole number >= 0, got {self.patience!r}"
+        )
+        require(
+            self.map_factor is None or is_whole(self.map_factor, 1),
+            f"composer option map_factor must be a whole number >= 1 or None, got {self.map_factor!r}",
+        )
         for number in ("step_size", "fg_weight", "fill_weight", "reg_weight"):
             value = getattr(self, number)
             require(
@@ -139,10 +143,11 @@ class ComposerMethod(CompositionMethod):
         self.state = RegionState([lora.adapter for lora in self._regional], self._contexts)
         self._install_processors(ctx, layers)
 
-        self._map_cross = layers_near_factor(ctx.unet, self.options.map_factor, cross=True)
-        self._map_self = layers_near_factor(ctx.unet, self.options.map_factor, cross=False)
-        factor = next(layer.factor for layer in layers if layer.name == self._map_cross[0])
+        factor = map_factor(ctx.unet, ctx.latent_hw, self.options.map_factor)
+        self._map_cross = layers_near_factor(ctx.unet, factor, cross=True)
+        self._map_self = layers_near_factor(ctx.unet, factor, cross=False)
         self._map_hw = layer_grid(ctx.latent_hw, factor)
+        self._guidance_steps = step_index(self.options.guidance_steps, len(ctx.timesteps))
         self._map_masks = [region_mask(lora.region, *self._map_hw).to(ctx.unet.device) for lora in self._regional]
         options = self.options
         self._guiding = options.guidance and any((options.fg_weight, options.fill_weight, options.reg_weight))
@@ -183,7 +188,7 @@ class ComposerMethod(CompositionMethod):
     def noise_prediction(self, ctx, latents, t, i):
         if i == 0 and self.options.reinit:
             latents = self.reinitialize(ctx, latents, t)
-        if self._guiding and i < self.options.guidance_steps:
+        if self._guiding and i < self._guidance_steps:
             latents = self.guided_update(ctx, latents, t, i)
         self.state.contexts = self._contexts
         negative, embeds = self._global
@@ -222,6 +227,7 @@ class ComposerMethod(CompositionMethod):
             options.fg_weight,
             options.fill_weight,
             options.reg_weight,
+            blur=smoothing_for(self._map_hw),
         )
 
     def _record(self, ctx, latents, t, keep_grad, self_maps=False):
