@@ -17,6 +17,7 @@ from .errors import (
     TriggerNotInPromptError,
     TruncatedLoraFileError,
     UnknownMethodError,
+    UnsupportedAdapterTypeError,
     UnsupportedArgumentError,
 )
 from .methods import METHODS, build_method
@@ -43,6 +44,7 @@ __all__ = [
     "TriggerNotInPromptError",
     "TruncatedLoraFileError",
     "UnknownMethodError",
+    "UnsupportedAdapterTypeError",
     "UnsupportedArgumentError",
     "build_method",
 ]

@@ -32,6 +32,10 @@ class NoLoraKeysError(ComposeError):
     """The file holds tensors but none of them is a LoRA weight in a known format."""
 
 
+class UnsupportedAdapterTypeError(NoLoraKeysError):
+    """The file is an adapter of a type that cannot be composed (IA3, OFT, a full fine-tune difference, ...)."""
+
+
 class IncompatibleLoraError(ComposeError):
     """The LoRA targets layers that do not exist in the model or have other shapes (e.g. SDXL on SD 1.5)."""
 

@@ -15,7 +15,7 @@ import struct
 import warnings
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -28,11 +28,13 @@ from .errors import (
     DuplicateLoraNameError,
     IncompatibleLoraError,
     LoraFileNotFoundError,
-    NoLoraKeysError,
     NonFiniteLoraError,
     NotSafetensorsError,
     TruncatedLoraFileError,
+    UnsupportedAdapterTypeError,
 )
+from .lora_keys import AdapterLayer, LoraLayerShape, adapter_layers, layer_shape
+from .peft_adapters import load_typed_adapter, lycoris_layers_lifted
 from .spec import LoraSpec, ResolvedLora
 from .unet_names import original_to_diffusers_key
 
@@ -42,24 +44,6 @@ PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}
 PREFERRED_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-# (regex on the tensor key, component, which matrix): diffusers/PEFT keys and kohya/A1111 keys.
-_KEY_PATTERNS = [
-    (re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_(A|B)(?:\.default)?\.weight$"), None),
-    (re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora(?:_linear_layer)?\.(down|up)\.weight$"), None),
-    (re.compile(r"^lora_(unet|te|te1|te2)_(.+)\.lora_(down|up)\.weight$"), "kohya"),
-]
-_KOHYA_COMPONENTS = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
-
-
-@dataclass(frozen=True)
-class LoraLayerShape:
-    """Shape of one LoRA pair as stored: rank, input and output features."""
-
-    rank: int
-    in_features: int
-    out_features: int
-
-
 @dataclass(frozen=True)
 class LoraFileInfo:
     """What the header of a LoRA file says, read without loading any tensor."""
@@ -67,7 +51,9 @@ class LoraFileInfo:
     path: Path
     layers: dict[tuple[str, str], LoraLayerShape]
     metadata: dict[str, str]
-    format: str
+    format: str  # file layout: "diffusers" (also PEFT) or "kohya" (also LyCORIS)
+    adapter_type: str = "LoRA"  # LoRA, LoCon (LoRA with conv layers), DoRA, LoHa or LoKr
+    parts: dict[tuple[str, str], AdapterLayer] = field(default_factory=dict, compare=False)
 
     @property
     def components(self) -> set[str]:
@@ -130,17 +116,18 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
             "Convert it to .safetensors first"
         )
     with open(path, "rb") as handle:
-        head = handle.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = handle.read(9)
+        # A safetensors header starts with its length, then '{': a length whose low byte is 0x80 is not a pickle.
+        if head[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):
             raise NotSafetensorsError(
                 f"{path} is a pickled (torch.save) file, not safetensors; convert it to .safetensors first"
             )
-        if len(head) < 8:
+        if len(head) < 9:
             raise CorruptLoraFileError(f"{path} is too short to be a safetensors file; download it again")
-        (size,) = struct.unpack("<Q", head)
+        (size,) = struct.unpack("<Q", head[:8])
         if size <= 1 or size > _MAX_HEADER_BYTES or size > path.stat().st_size - 8:
             raise CorruptLoraFileError(f"{path} has no valid safetensors header; the file is damaged, download it again")
-        raw = handle.read(size)
+        raw = head[8:] + handle.read(size - 1)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -170,33 +157,20 @@ def check_data_length(path: Path, header: dict[str, dict], data_bytes: int) -> N
 
 
 def inspect_lora_file(path: Path) -> LoraFileInfo:
-    """Read the LoRA layers (component, module key, shape) and metadata of a file's header."""
+    """Read the adapted layers (component, module key, shape), adapter type and metadata of a file's header."""
     header, metadata = read_header(path)
-    pairs: dict[tuple[str, str], dict[str, list[int]]] = {}
-    fmt = "diffusers"
-    for key, entry in header.items():
-        for pattern, kind in _KEY_PATTERNS:
-            match = pattern.match(key)
-            if match:
-                component, module, which = match.groups()
-                if kind == "kohya":
-                    component = _KOHYA_COMPONENTS[component]
-                    fmt = "kohya"
-                side = "down" if which in ("A", "down") else "up"
-                pairs.setdefault((component, module_key(module)), {})[side] = list(entry.get("shape", []))
-                break
-    if not pairs:
-        sample = sorted(header)[:3]
-        raise NoLoraKeysError(
-            f"{path} holds no LoRA weights in a known format (diffusers/PEFT 'lora_A/lora_B' or kohya "
-            f"'lora_unet_...lora_down'); its first keys are {sample}. Is it a full model checkpoint rather than a LoRA?"
+    parts, kohya = adapter_layers(path, header, module_key)
+    layers = {where: layer_shape(path, where, layer) for where, layer in parts.items()}
+    kinds = sorted({shape.kind for shape in layers.values()})
+    if len(kinds) > 1:
+        raise UnsupportedAdapterTypeError(
+            f"{path} mixes {' and '.join(kinds)} layers in one file, which cannot be loaded as one adapter; "
+            "save each type as a file of its own"
         )
-    layers = {}
-    for where, shapes in pairs.items():
-        if "down" not in shapes or "up" not in shapes or len(shapes["down"]) < 2 or len(shapes["up"]) < 2:
-            raise CorruptLoraFileError(f"{path}: layer {where[1]} lacks its down or up matrix; the file is damaged")
-        layers[where] = LoraLayerShape(shapes["down"][0], shapes["down"][1], shapes["up"][0])
-    return LoraFileInfo(path, layers, metadata, fmt)
+    adapter_type = kinds[0]
+    if adapter_type == "LoRA" and any(len(layer.shape("down")) == 4 for layer in parts.values()):
+        adapter_type = "LoCon"
+    return LoraFileInfo(path, layers, metadata, "kohya" if kohya else "diffusers", adapter_type, parts)
 
 
 def module_key(name: str) -> str:
@@ -206,13 +180,12 @@ def module_key(name: str) -> str:
 
 
 def model_layer_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """(in, out) features of every Linear/Conv2d layer of a model, keyed by `module_key`."""
+    """(fan-in, out) of every Linear/Conv2d layer of a model, keyed by `module_key`: a conv's fan-in is its
+    input channels times its kernel size, which is what every adapter type's stored factors determine."""
     shapes = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            shapes[module_key(name)] = (module.in_features, module.out_features)
-        elif isinstance(module, nn.Conv2d):
-            shapes[module_key(name)] = (module.in_channels, module.out_channels)
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            shapes[module_key(name)] = (module.weight[0].numel(), module.weight.shape[0])
     return shapes
 
 
@@ -430,9 +403,28 @@ def load_adapters(pipe, loras: list[ResolvedLora]) -> None:
                     "give the LoRA another name with LoraSpec(name=...)"
                 )
             pipe.delete_adapters(lora.adapter)
-        with _expected_load_notices_silenced():
-            pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=lora.adapter)
+        info = inspect_lora_file(lora.path)
+        models = [getattr(pipe, name) for name in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, name, None)]
+        lora_layers = info.adapter_type in ("LoRA", "LoCon", "DoRA")  # peft's LoRA layers: added below LoHa/LoKr ones
+        with _expected_load_notices_silenced(), lycoris_layers_lifted(models if lora_layers else []):
+            if info.adapter_type in ("DoRA", "LoHa", "LoKr"):
+                _load_as_peft_type(pipe, info, lora.adapter)
+            else:
+                pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=lora.adapter)
         loaded[lora.adapter] = lora.sha256
+
+
+def _load_as_peft_type(pipe, info: LoraFileInfo, adapter: str) -> None:
+    """DoRA, LoHa and LoKr files, component by component, on the layers their keys name."""
+    for component in sorted(info.components):
+        model = getattr(pipe, component)
+        names = {module_key(name): name.split(".base_layer")[0] for name, _ in model.named_modules()}
+        targets = {
+            names[diffusers_key(component, key, pipe)]: (shape, info.parts[(comp, key)])
+            for (comp, key), shape in info.layers.items()
+            if comp == component
+        }
+        load_typed_adapter(model, info.path, component, info.adapter_type, targets, adapter, info.metadata, info.format == "kohya")
 
 
 class _DropNotice(logging.Filter):

@@ -18,6 +18,7 @@ from compose.concept_prompts import (
     derive_prompts,
     remove_words,
 )
+from compose.attention.capture import AttentionStore
 from compose.context import DenoiseContext
 from compose.contrastive import (
     concept_token_loss,
@@ -31,8 +32,8 @@ from compose.errors import InvalidOptionError
 from compose.tokens import token_positions
 from compose.masks import attention_masks, dilate, erode, fuse_noise_predictions, morph, threshold_mask
 import compose.methods.clora as clora_module
-from compose.attention.capture import AttentionStore
-from compose.methods.clora import CloraMethod, CloraOptions, step_index
+from compose.methods.base import step_index
+from compose.methods.clora import PAPER_GRADIENT_RMS, CloraMethod, CloraOptions, latent_step
 from pipelines.tiny import tiny_tokenizer
 from tests.conftest import PROMPT, generator
 
@@ -212,9 +213,52 @@ def test_options_are_validated():
     assert CloraOptions(refinement_steps=[0, 0.5]).refinement_steps == (0, 0.5)
     for bad in (dict(morphology="blur"), dict(tau=0), dict(max_iter_to_alter=1.5), dict(refinement_rounds=0),
                 dict(alpha=1.0), dict(recompute_after_update="yes"), dict(max_iter_to_alter=True),
-                dict(target_separation=0), dict(target_separation=1.5)):  # fmt: skip
+                dict(target_separation=0), dict(target_separation=1.5), dict(refinement_stop=0),
+                dict(relative_step="yes"), dict(map_factor=0), dict(map_factor=2.0)):  # fmt: skip
         with pytest.raises(InvalidOptionError):
             CloraOptions(**bad)
+
+
+# --- the latent step ---------------------------------------------------------------------------
+
+
+def _rms(x):
+    return x.pow(2).mean().sqrt().item()
+
+
+def test_relative_step_is_the_same_relative_change_at_any_contrast_and_size():
+    moves = []
+    for size, contrast in ((64, 1.0), (32, 1.0), (16, 37.0)):  # sizes; a low-contrast map's gradient is larger
+        latents = torch.randn(1, 4, size, size, generator=generator(size)) * 0.9
+        grad = torch.randn(1, 4, size, size, generator=generator(size + 1)) * 1e-3 * contrast
+        moves.append(_rms(latent_step(latents, grad, 20.0) - latents) / _rms(latents))
+    assert moves == pytest.approx([20.0 * PAPER_GRADIENT_RMS] * 3, rel=1e-5)
+
+
+def test_relative_step_is_the_papers_step_at_sd15_gradient_scale():
+    """SD 1.5 at 512 px: unit-RMS 64x64 latents and the gradient RMS step 20 was chosen for."""
+    latents = torch.randn(2, 4, 64, 64, generator=generator(0))
+    latents = latents / latents.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+    grad = torch.randn(2, 4, 64, 64, generator=generator(1))
+    grad = grad / grad.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt() * PAPER_GRADIENT_RMS
+    torch.testing.assert_close(latent_step(latents, grad, 20.0), latents - 20.0 * grad)
+    torch.testing.assert_close(latent_step(latents, 3 * grad, 20.0, relative=False), latents - 60.0 * grad)
+    assert torch.equal(latent_step(latents, torch.zeros_like(grad), 20.0), latents)  # no gradient, no move
+
+
+def test_the_update_moves_each_image_by_the_same_fraction_at_two_latent_sizes(pipe, loras, monkeypatch):
+    moves = []
+
+    def spy(latents, grad, step_size, relative=True):
+        out = latent_step(latents, grad, step_size, relative)
+        moves.append([_rms(o - z) / _rms(z) for o, z in zip(out, latents)])
+        return out
+
+    monkeypatch.setattr(clora_module, "latent_step", spy)
+    for size in (64, 128):
+        clora(pipe, [loras["cat"], loras["dog"]], options=ONE_UPDATE, height=size, width=size, num_images_per_prompt=2)
+    assert len(moves) == 2
+    assert sum(moves, []) == pytest.approx([20.0 * PAPER_GRADIENT_RMS] * 4, rel=1e-4)
 
 
 # --- the method in the pipeline ---------------------------------------------------------------
@@ -267,6 +311,17 @@ def test_updates_stop_once_the_maps_are_separated(pipe, loras, monkeypatch, targ
     out = clora(pipe, [loras["cat"], loras["dog"]], steps=3, options=options)
     assert [len(losses) for losses in out.extras["losses"]] == updates
     assert out.extras["separations"] == [0.7, 0.7, 0.7]
+    assert out.unet_calls == sum(updates) + 3
+
+
+@pytest.mark.parametrize("stop, updates", [(None, [3, 1, 3]), (0.8, [3, 1, 3]), (0.6, [1, 1, 1])])
+def test_refinement_rounds_end_at_the_loss_threshold(pipe, loras, monkeypatch, stop, updates):
+    """Separation pinned at 0.7: a refinement stop below it ends each refinement step's rounds after
+    its first update; the single updates of the other steps still run."""
+    monkeypatch.setattr(clora_module, "separation", lambda *a: 0.7)
+    options = dict(max_iter_to_alter=3, refinement_steps=[0, 2], refinement_rounds=3, refinement_stop=stop)
+    out = clora(pipe, [loras["cat"], loras["dog"]], steps=3, options=options)
+    assert [len(losses) for losses in out.extras["losses"]] == updates
     assert out.unet_calls == sum(updates) + 3
 
 

@@ -96,7 +96,7 @@ def test_corrupt_header(pipe, tmp_path):
 def test_no_lora_keys(pipe, tmp_path):
     path = tmp_path / "model.safetensors"
     save_file({"conv_in.weight": torch.zeros(2, 2)}, str(path))
-    with pytest.raises(NoLoraKeysError, match="full model"):
+    with pytest.raises(NoLoraKeysError, match="is a UNet's full weights, not a LoRA"):
         resolve_loras(pipe, [path])
 
 

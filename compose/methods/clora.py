@@ -1,7 +1,7 @@
 """clora: CLoRA (Meral et al., 2024): per-LoRA passes, contrastive latent updates, mask-fused predictions.
 
 Every step runs the base model and each concept LoRA on its own prompt as one batched forward,
-reads their cross-attention maps at 1/32 of the image, and (early on) nudges the latent so that
+reads their cross-attention maps (1/32 of the image on SD 1.5: `map_factor`), and (early on) nudges the latent so that
 the maps of different concepts separate. Each LoRA's prediction then only counts where its own
 concept attends; the base model fills the rest.
 """
@@ -15,37 +15,48 @@ import torch
 
 from ..adapters import BASE, tuner_layers
 from ..attention.capture import AttentionStore, CaptureAttnProcessor
-from ..attention.layers import attention_layers, install_processors, layer_grid, layers_near_factor
+from ..attention.layers import install_processors, layer_grid, layers_near_factor, map_factor
 from ..concept_prompts import Concept, ConceptError, MissingConceptError, concept_prompts, infer_concept
 from ..context import Pass
 from ..contrastive import concept_token_loss, loss_bounds, sample_labels, separation
 from ..errors import InvalidOptionError
 from ..lora_delta import lora_delta
 from ..masks import MORPHOLOGY, attention_masks, fuse_noise_predictions
-from .base import CompositionMethod, require
+from .base import STEP, CompositionMethod, is_step, is_whole, require, step_index
 
-MAP_FACTOR = 4  # latent downsampling of the maps CLoRA reads: 1/32 of the image (16x16 at 512 px)
+# The gradient RMS the paper's step size meets on SD 1.5 at 512 px (64x64 latent, 16x16 maps), taken as
+# the one that makes its step 20 move a unit-RMS latent by 1% per update. An estimate, the constant to
+# correct once measured on SD 1.5: on the toy model (8x8 maps, low contrast) the gradient is ~10x larger
+# and step 20 moves the latent by 8-11% per update.
+PAPER_GRADIENT_RMS = 5e-4
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _is_step(value) -> bool:
-    """A step given as a count (int >= 0) or as a fraction of the steps (float in [0, 1])."""
-    if isinstance(value, bool):
-        return False
-    return (isinstance(value, int) and value >= 0) or (isinstance(value, float) and 0.0 <= value <= 1.0)
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square of each image of a batch, shaped to broadcast over it."""
+    return x.pow(2).mean(dim=tuple(range(1, x.ndim)), keepdim=True).sqrt()
 
 
-def step_index(value: int | float, steps: int) -> int:
-    """A count stays as is; a fraction of `steps` rounds down (0.5 of 50 steps -> 25)."""
-    return value if isinstance(value, int) else math.floor(value * steps)
+def latent_step(latents: torch.Tensor, grad: torch.Tensor, step_size: float, relative: bool = True) -> torch.Tensor:
+    """The latents after one descent step on the contrastive loss.
+
+    relative: each image moves along its gradient by step_size * PAPER_GRADIENT_RMS of its own RMS,
+    whatever the maps' contrast (the loss reads min-max normalised maps, so its gradient grows as
+    1 / (max - min)) and the latent's size; where the gradient has SD 1.5's RMS and the latent unit
+    RMS, that is exactly the paper's z - step_size * grad. Not relative: the paper's step as is.
+    """
+    if not relative:
+        return latents - step_size * grad
+    direction = grad / _rms(grad).clamp_min(torch.finfo(grad.dtype).tiny)
+    return latents - step_size * PAPER_GRADIENT_RMS * _rms(latents) * direction
 
 
 @dataclass
 class CloraOptions:
-    step_size: float = 20.0  # latent step per update (the paper's value for SD 1.5)
+    step_size: float = 20.0  # latent step per update, in the paper's units (see latent_step)
     max_iter_to_alter: int | float = 0.5  # steps i < this update the latent: a count, or a fraction of the steps
     refinement_steps: tuple[int | float, ...] = (0.0, 0.2, 0.4)  # steps that repeat the update ({0,10,20} of 50)
     refinement_rounds: int = 20  # at most this many updates at a refinement step
@@ -54,44 +65,49 @@ class CloraOptions:
     # others'. None (default) runs every update of the schedule, as the reference does; on the toy world
     # 0.5 halves the time but draws the sks concept in 0/32 images instead of 11/32.
     target_separation: float | None = None
+    # The reference's loss-threshold stop: a refinement step's rounds end (after the first) once the maps'
+    # separation reaches this; None runs every round.
+    refinement_stop: float | None = None
     tau: float = 0.5  # NT-Xent temperature
     alpha: float = 0.35  # mask threshold, relative to each token map's peak
     morphology: str = "none"  # 3x3 clean-up of each mask: none, dilate, erode, open, close
     apply_mask_after: int | float = 0.1  # before this step the predictions are averaged (all masks on)
     use_uncond_maps: bool = False  # average the unconditional half's maps in, as the reference does
     recompute_after_update: bool = True  # predict on the updated latent (the reference reuses the stale one)
+    relative_step: bool = True  # same relative change at any map contrast and size; False: the paper's absolute step
     style_lora: str | None = None  # name of a LoRA added to every pass instead of getting a pass of its own
     style_weight: float | None = None  # its weight; None keeps the LoRA's own weight
+    map_factor: int | None = None  # latent downsampling of the maps read; None: chosen by the latent size (map_factor)
 
     def __post_init__(self):
         if isinstance(self.refinement_steps, list):
             self.refinement_steps = tuple(self.refinement_steps)
-        step = "a step count (int >= 0) or a fraction of the steps (float in [0, 1])"
         rules = {
             "step_size": (_is_number(self.step_size) and self.step_size >= 0, "a number >= 0"),
-            "max_iter_to_alter": (_is_step(self.max_iter_to_alter), step),
+            "max_iter_to_alter": (is_step(self.max_iter_to_alter), STEP),
             "refinement_steps": (
-                isinstance(self.refinement_steps, tuple) and all(_is_step(s) for s in self.refinement_steps),
-                f"a list, each {step}",
+                isinstance(self.refinement_steps, tuple) and all(is_step(s) for s in self.refinement_steps),
+                f"a list, each {STEP}",
             ),
-            "refinement_rounds": (
-                isinstance(self.refinement_rounds, int)
-                and not isinstance(self.refinement_rounds, bool)
-                and self.refinement_rounds >= 1,
-                "a whole number >= 1",
-            ),
-            "target_separation": (
-                self.target_separation is None or (_is_number(self.target_separation) and 0 < self.target_separation <= 1),
-                "a number in (0, 1] or None",
-            ),
+            "refinement_rounds": (is_whole(self.refinement_rounds, 1), "a whole number >= 1"),
+            **{
+                name: (value is None or (_is_number(value) and 0 < value <= 1), "a number in (0, 1] or None")
+                for name, value in (
+                    ("target_separation", self.target_separation),
+                    ("refinement_stop", self.refinement_stop),
+                )
+            },
             "tau": (_is_number(self.tau) and self.tau > 0, "a number > 0"),
             "alpha": (_is_number(self.alpha) and 0 <= self.alpha < 1, "a number in [0, 1)"),
             "morphology": (self.morphology in MORPHOLOGY, f"one of {MORPHOLOGY}"),
-            "apply_mask_after": (_is_step(self.apply_mask_after), step),
-            "use_uncond_maps": (isinstance(self.use_uncond_maps, bool), "true or false"),
-            "recompute_after_update": (isinstance(self.recompute_after_update, bool), "true or false"),
+            "apply_mask_after": (is_step(self.apply_mask_after), STEP),
+            **{
+                flag: (isinstance(getattr(self, flag), bool), "true or false")
+                for flag in ("relative_step", "use_uncond_maps", "recompute_after_update")
+            },
             "style_lora": (self.style_lora is None or isinstance(self.style_lora, str), "the name of one of the LoRAs"),
             "style_weight": (self.style_weight is None or _is_number(self.style_weight), "a number"),
+            "map_factor": (self.map_factor is None or is_whole(self.map_factor, 1), "a whole number >= 1 or None"),
         }
         for name, (valid, expected) in rules.items():
             require(valid, f"clora option {name} must be {expected}, got {getattr(self, name)!r}")
@@ -146,8 +162,8 @@ class CloraMethod(CompositionMethod):
             own_text = {lora.adapter: lora.weight} if lora.has_text_encoder else {}
             self.passes.append(Pass(lora.adapter, *ctx.encode(prompt, own_text | style_text)))
 
-        self.layers = layers_near_factor(ctx.unet, MAP_FACTOR, cross=True)
-        factor = next(layer.factor for layer in attention_layers(ctx.unet) if layer.name == self.layers[0])
+        factor = map_factor(ctx.unet, ctx.latent_hw, self.options.map_factor)
+        self.layers = layers_near_factor(ctx.unet, factor, cross=True)
         self.grid = layer_grid(ctx.latent_hw, factor)
         self.store = AttentionStore()
         install_processors(ctx.unet, {name: CaptureAttnProcessor(self.store, name) for name in self.layers})
@@ -166,8 +182,10 @@ class CloraMethod(CompositionMethod):
         pairs, losses = None, []
         if i < self.update_until and len(self.concept_loras) > 1:
             rounds = self.options.refinement_rounds if i in self.refine_at else 1
-            for _ in range(rounds):
-                if self._separated():
+            for round in range(rounds):
+                if self._separated(self.options.target_separation) or (
+                    round and self._separated(self.options.refinement_stop)
+                ):
                     break
                 latents, pairs, loss = self._update_latents(ctx, latents, t)
                 losses.append(loss)
@@ -189,8 +207,7 @@ class CloraMethod(CompositionMethod):
         ctx.outputs["losses"].append(losses)
         return ctx.guide(uncond, cond), latents
 
-    def _separated(self) -> bool:
-        target = self.options.target_separation
+    def _separated(self, target: float | None) -> bool:
         return target is not None and self.separation is not None and self.separation >= target
 
     def _separation(self, maps: torch.Tensor) -> float:
@@ -228,7 +245,7 @@ class CloraMethod(CompositionMethod):
             self.store.keep_grad = False
             self.store.maps = {name: probs.detach() for name, probs in self.store.maps.items()}
         kept = None if pairs is None else [(u.detach(), c.detach()) for u, c in pairs]
-        return latents - self.options.step_size * grad, kept, loss
+        return latent_step(latents, grad, self.options.step_size, self.options.relative_step), kept, loss
 
     def _maps(self, images: int, halves: int) -> torch.Tensor:
         """Head- and layer-averaged maps (K, images, h, w, tokens) of the cond half (or both halves)."""

@@ -2,14 +2,14 @@
 
 Per step the dominant LoRA runs fresh; on the non-uniform refresh steps so does every LoRA whose
 cached prediction is an interval old (all fresh passes in one batched forward). The others reuse
-their last prediction (`output`) or their deep UNet feature (`deep`). The order comes from each
+their last prediction (`output`) or their deep UNet feature (`deep`, the default); `reference` runs
+every LoRA fresh every step, as the authors' default run does. The order comes from each
 LoRA's frequency profile (cached on disk) or from the user. Algorithm and defaults:
 docs/methods/cmlora.md.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -18,17 +18,13 @@ import torch
 
 from ..deep_cache import deep_features, split_features, supports_shallow_pass
 from ..errors import InvalidOptionError
-from ..frequency import rank_by_score
+from ..frequency import high_group, rank_by_score
 from ..profiling import ProfileSettings, profile_loras
-from .base import CompositionMethod, require
+from .base import CompositionMethod, is_whole, require
 from .composite import composite_prediction
 
 WEIGHTINGS = ("dominant", "equal")
-CACHE_MODES = ("output", "deep")
-
-
-def _whole(value, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+CACHE_MODES = ("deep", "output", "reference")
 
 
 def _fraction(value) -> bool:
@@ -38,12 +34,16 @@ def _fraction(value) -> bool:
 @dataclass
 class CmloraOptions:
     order: Sequence[str] | None = None  # adapter names, high-frequency first; None: rank by the frequency profile
-    high_count: int | None = None  # LoRAs at the front of the order forming the high group; None: ceil(N / 2)
+    # LoRAs at the front of the order forming the high group; None: those with a positive frequency score
+    # (profiled order), or all of them (the user's order), as the authors put every category but backgrounds there
+    high_count: int | None = None
     split: float = 0.6  # fraction of the steps where the high group dominates
     intervals: int | Sequence[int] = (2, 3, 2)  # cache refresh interval on each of the three time segments
     boundaries: Sequence[float] = (0.375, 0.875)  # the segments' borders as fractions of the steps
     weighting: str = "dominant"  # "dominant": c = N - 0.5 rule; "equal": plain average
-    cache: str = "output"  # "output": reuse a LoRA's guided prediction; "deep": reuse its deep UNet feature
+    # "deep": reuse a LoRA's deep UNet feature; "output": reuse its guided prediction; "reference": the authors'
+    # default run, no cache (every LoRA fresh every step) with the dominant LoRA rotating at the refresh steps
+    cache: str = "deep"
     profile_steps: int = 8
     profile_seed: int = 0
     profile_cutoff: float = 0.2
@@ -60,15 +60,15 @@ class CmloraOptions:
             require(len(set(self.order)) == len(self.order), f"cmlora option order repeats a name: {list(self.order)}")
             self.order = tuple(self.order)
         require(
-            self.high_count is None or _whole(self.high_count, 0),
+            self.high_count is None or is_whole(self.high_count, 0),
             f"cmlora option high_count must be a whole number >= 0 or None, got {self.high_count!r}",
         )
         require(_fraction(self.split), f"cmlora option split must be a fraction in [0, 1], got {self.split!r}")
-        if _whole(self.intervals, 1):
+        if is_whole(self.intervals, 1):
             self.intervals = (self.intervals,) * 3
         require(
             isinstance(self.intervals, (list, tuple)) and len(self.intervals) == 3
-            and all(_whole(k, 1) for k in self.intervals),
+            and all(is_whole(k, 1) for k in self.intervals),
             f"cmlora option intervals must be a whole number >= 1 or three of them, got {self.intervals!r}",
         )  # fmt: skip
         self.intervals = tuple(self.intervals)
@@ -127,13 +127,15 @@ def plan_steps(
     split: float,
     intervals: Sequence[int],
     boundaries: Sequence[float],
+    cached: bool = True,
 ) -> list[StepPlan]:
     """The whole schedule.
 
     The dominant LoRA runs fresh every step and moves on through its phase's group at every
     refresh step. On a refresh step every other LoRA whose cached prediction is at least one
     interval old runs fresh too; the LoRA that dominated until the step before is still younger
-    than that and keeps its prediction until the next refresh step.
+    than that and keeps its prediction until the next refresh step. Not cached: every LoRA runs
+    fresh every step (the authors' default run); the dominant LoRA rotates all the same.
     """
     interval = step_intervals(num_steps, intervals, boundaries)
     refresh = refresh_steps(num_steps, intervals, boundaries)
@@ -147,7 +149,10 @@ def plan_steps(
         fresh = [
             k
             for k in sorted(order)
-            if k == dominant or k not in last_fresh or (refresh[step] and step - last_fresh[k] >= interval[step])
+            if not cached
+            or k == dominant
+            or k not in last_fresh
+            or (refresh[step] and step - last_fresh[k] >= interval[step])
         ]
         last_fresh.update((k, step) for k in fresh)
         plans.append(StepPlan(dominant, tuple(fresh)))
@@ -201,7 +206,7 @@ class CmloraMethod(CompositionMethod):
             raise InvalidOptionError(f"cmlora cache='deep' cannot run on this UNet: {reason}; use cache='output'")
 
     def prepare(self, ctx):
-        names = [lora.adapter for lora in ctx.loras]
+        names, scores = [lora.adapter for lora in ctx.loras], None
         if self.options.order is not None:
             ranked = list(self.options.order)
         elif len(ctx.loras) == 1:
@@ -214,7 +219,7 @@ class CmloraMethod(CompositionMethod):
             ranked = rank_by_score(scores)
         high_count = self.options.high_count
         if high_count is None:
-            high_count = math.ceil(len(ctx.loras) / 2)
+            high_count = len(ranked) if scores is None else len(high_group(scores))
         self._plans = plan_steps(
             len(ctx.timesteps),
             [names.index(name) for name in ranked],
@@ -222,6 +227,7 @@ class CmloraMethod(CompositionMethod):
             self.options.split,
             self.options.intervals,
             self.options.boundaries,
+            cached=self.options.cache != "reference",
         )
         self._cache: dict[int, torch.Tensor] = {}
         self._features: dict[int, torch.Tensor] = {}
