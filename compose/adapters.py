@@ -7,14 +7,17 @@ the model exactly as it found it.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+from .lora_delta import holds, lora_delta
 
 BASE = "__base__"  # peft's name for "no adapter" in a per-sample adapter list
 
@@ -64,25 +67,73 @@ def restore(models: Sequence[nn.Module | None], state: AdapterState) -> None:
 def per_sample_adapters(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[None]:
     """Within the block, sample b of every forward uses adapter `adapter_names[b]` (BASE for none).
 
-    peft's mixed-batch forward does the work; the hooks only hand every LoRA layer the list, so N
-    per-LoRA passes become one batched forward.
+    peft's mixed-batch forward does the work for plain LoRA layers, so N per-LoRA passes become one
+    batched forward. What peft cannot batch (DoRA adapters, LoHa and LoKr layers) gets the same
+    result from forward hooks adding each adapter's change to its own samples (`lora_delta`); LoHa and
+    LoKr layers are switched off meanwhile, since they would apply their active adapters to every sample.
     """
     names = list(adapter_names)
     layers = tuner_layers(model)
-    merged = [layer for layer in layers if layer.merged]
-    if merged:
+    if any(layer.merged for layer in layers):
         raise RuntimeError("per-sample adapters need unfused LoRA weights; call pipe.unfuse_lora() first")
+    wanted = sorted(set(names) - {BASE})
+    with ExitStack() as stack:
+        for layer in layers:
+            own = [name for name in wanted if holds(layer, name)]
+            if isinstance(layer, LoraLayer):
+                hooked = [name for name in own if name in layer.lora_variant]
+                peft_names = [BASE if name in hooked else name for name in names]
+                stack.enter_context(_names_handed(layer, peft_names))
+            else:
+                hooked = own
+                stack.enter_context(_switched_off(layer))
+            if hooked:
+                stack.enter_context(_rows_added(layer, {name: _rows(names, name) for name in hooked}))
+        yield
 
+
+def _rows(names: list[str], adapter: str) -> torch.Tensor:
+    return torch.tensor([b for b, name in enumerate(names) if name == adapter])
+
+
+@contextmanager
+def _names_handed(layer: BaseTunerLayer, names: list[str]) -> Iterator[None]:
     def hand_names(_module, args, kwargs):
         kwargs["adapter_names"] = names
         return args, kwargs
 
-    handles = [layer.register_forward_pre_hook(hand_names, with_kwargs=True) for layer in layers]
+    handle = layer.register_forward_pre_hook(hand_names, with_kwargs=True)
     try:
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
+
+
+@contextmanager
+def _switched_off(layer: BaseTunerLayer) -> Iterator[None]:
+    active = list(layer.active_adapters)
+    layer.set_adapter([], inference_mode=True)
+    try:
+        yield
+    finally:
+        layer.set_adapter(active, inference_mode=True)
+
+
+@contextmanager
+def _rows_added(layer: BaseTunerLayer, rows: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Forward hook: out[rows of a] += change of adapter a on those rows' inputs."""
+
+    def add_changes(_module, args, out):
+        for adapter, index in rows.items():
+            index = index.to(out.device)
+            out = out.index_add(0, index, lora_delta(layer, adapter, args[0].index_select(0, index)).to(out.dtype))
+        return out
+
+    handle = layer.register_forward_hook(add_changes)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 FusedWeights = list[tuple[BaseTunerLayer, torch.Tensor]]
