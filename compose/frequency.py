@@ -69,3 +69,8 @@ def high_frequency_score(profile: torch.Tensor, base_profile: torch.Tensor, cuto
 def rank_by_score(scores: Mapping[str, float]) -> list[str]:
     """Names by score, highest first; equal scores keep the given order."""
     return sorted(scores, key=lambda name: -scores[name])
+
+
+def high_group(scores: Mapping[str, float]) -> list[str]:
+    """The LoRAs that add fine detail (a positive score), highest first: the group that dominates early."""
+    return [name for name in rank_by_score(scores) if scores[name] > 0]

@@ -36,7 +36,7 @@ class ProfileSettings:
     seed: int = 0
     cutoff: float = 0.2  # high band: radii >= cutoff x max radius (applied when reading, not stored)
     guidance_scale: float = 7.5
-    prompt: str | None = None  # None: "a picture of <trigger>", or "a picture" without a trigger
+    prompt: str | None = None  # None: "a <trigger> <concept word>" (with what the LoRA has of them), else "a picture"
 
     def __post_init__(self):
         for name in ("steps", "seed"):
@@ -61,7 +61,8 @@ class ProfileSettings:
     def prompt_for(self, lora: ResolvedLora) -> str:
         if self.prompt is not None:
             return self.prompt
-        return f"a picture of {lora.trigger}" if lora.trigger else "a picture"
+        words = " ".join(word for word in (lora.trigger, lora.concept) if word)
+        return f"a {words}" if words else "a picture"
 
 
 @dataclass
