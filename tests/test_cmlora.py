@@ -10,7 +10,8 @@ import torch
 
 from compose.deep_cache import deep_features, shallow_forward
 from compose.errors import InvalidOptionError
-from compose.frequency import high_band, high_frequency_score, radial_profile, rank_by_score
+import compose.methods.cmlora as cmlora_module
+from compose.frequency import high_band, high_frequency_score, high_group, radial_profile, rank_by_score
 from compose.methods.cmlora import (
     CmloraOptions,
     combination_weights,
@@ -20,7 +21,7 @@ from compose.methods.cmlora import (
     refresh_steps,
     step_intervals,
 )
-from compose.profiling import ProfileSettings, profile_lora_files
+from compose.profiling import LoraProfile, ProfileSettings, profile_lora_files
 from tests.conftest import run
 
 ORDER = ["car", "cat", "dog"]
@@ -111,6 +112,44 @@ def test_deep_cache_counts_full_and_shallow_passes(pipe, loras):
     assert np.array_equal(deep.images, composite.images) and deep.extras["shallow_unet_passes"] == 0
 
 
+def test_high_group_is_every_lora_with_a_positive_score():
+    assert high_group({"style": -0.1, "cat": 0.3, "background": 0.0, "hat": 0.05}) == ["cat", "hat"]
+    assert high_group({"style": -0.2}) == []
+
+
+@pytest.mark.parametrize(
+    "scores, dominants",
+    [
+        # all positive: one group; the phase switch at int(0.6 * 5) = 3 restarts the rotation, and the
+        # refresh steps of 5 steps are 0, 1 (segment [1, 4), every 3) and 4
+        ({"cat": 0.2, "dog": 0.1, "car": 0.05}, ["cat", "dog", "dog", "cat", "dog"]),
+        ({"cat": 0.2, "dog": -0.1, "car": 0.05}, ["cat", "car", "car", "dog", "dog"]),  # dog alone is low
+    ],
+)
+def test_profiled_grouping_follows_the_scores(pipe, loras, monkeypatch, scores, dominants):
+    profiles = [LoraProfile(name, "0" * 64, score, [], [], True) for name, score in scores.items()]
+    monkeypatch.setattr(cmlora_module, "profile_loras", lambda *a: profiles)
+    out = run(pipe, PROMPT3, loras=three(loras), method="cmlora", steps=5)
+    assert out.extras["order"] == rank_by_score(scores)
+    assert [s["dominant"] for s in out.extras["schedule"]] == dominants
+
+
+def test_reference_mode_runs_every_lora_every_step_with_the_dominant_rotating_at_refresh_steps(pipe, loras):
+    # 6 steps: refresh steps 0, 2 (segment [2, 5), every 3) and 5; the phase switch at step 3
+    plans = plan_steps(6, [0, 1], 2, 0.6, (2, 3, 2), (0.375, 0.875), cached=False)
+    assert [p.dominant for p in plans] == [0, 0, 1, 0, 0, 1]
+    assert all(p.fresh == (0, 1) for p in plans)
+    names = ["cat", "dog"]
+    options = dict(order=names, cache="reference")
+    out = run(pipe, loras=[loras[n] for n in names], method="cmlora", method_options=options, steps=6)
+    assert [s["dominant"] for s in out.extras["schedule"]] == ["cat", "cat", "dog", "cat", "cat", "dog"]
+    assert (out.unet_calls, out.unet_passes) == (6, 12)
+    equal = run(pipe, loras=[loras[n] for n in names], method="cmlora", method_options={**options, "weighting": "equal"},
+                steps=2)  # fmt: skip
+    composite = run(pipe, loras=[loras[n] for n in names], method="composite", steps=2)
+    assert np.array_equal(equal.images, composite.images)
+
+
 def test_combination_weights_follow_the_paper():
     assert combination_weights(2, 0, "dominant") == pytest.approx([0.6, 0.4])
     assert combination_weights(3, 1, "dominant") == pytest.approx([2 / 9, 5 / 9, 2 / 9])
@@ -130,7 +169,7 @@ def test_profile_is_deterministic_and_read_back_from_the_cache(pipe, loras, tmp_
     settings = ProfileSettings(steps=1)
     calls = _forward_counter(pipe)
     first = profile_lora_files(pipe, [loras["cat"], loras["dog"]], settings, tmp_path / "a")
-    assert len(calls) == 4  # two LoRAs and the base on each one's prompt ("a picture of sks/zwx"), 1 step each
+    assert len(calls) == 4  # two LoRAs and the base on each one's prompt ("a sks cat", "a zwx dog"), 1 step each
     again = profile_lora_files(pipe, [loras["cat"], loras["dog"]], settings, tmp_path / "a")
     assert len(calls) == 4 and all(p.cached for p in again) and not any(p.cached for p in first)
     elsewhere = profile_lora_files(pipe, [loras["cat"], loras["dog"]], settings, tmp_path / "b")
@@ -197,6 +236,7 @@ def test_empty_high_band_is_an_error():
         dict(split=1.5),
         dict(weighting="loud"),
         dict(cache="feature"),
+        dict(cache="none"),
         dict(order="cat"),
         dict(order=["cat", "cat"]),
         dict(profile_cutoff=80),
