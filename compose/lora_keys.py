@@ -55,9 +55,9 @@ _NOT_ADAPTERS = {
     "string_to_param": "a textual inversion embedding",
     "clip_l": "a textual inversion embedding",
 }
-_REQUIRED = {
-    "LoRA": [("down", "up")],
-    "LoHa": [("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")],
+_REQUIRED = {  # per type: the parts a layer needs, each one of a few alternatives
+    "LoRA": [("down",), ("up",)],
+    "LoHa": [("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)],
     "LoKr": [("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")],
 }
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator, Mapping
 
 import torch
-from peft import LoHaConfig, LoKrConfig, LoraConfig
+from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 from peft.tuners.lycoris_utils import LycorisLayer
 from safetensors import safe_open
 from torch import nn
@@ -43,7 +43,8 @@ def load_typed_adapter(
         }
     default_alpha = _metadata_alpha(metadata, component)
     scales = {name: _rank_and_alpha(shape, tensors[name].get("alpha"), default_alpha) for name, (shape, _) in targets.items()}
-    model.add_adapter(_config(kind, scales, tensors), adapter_name=adapter)
+    inject_adapter_in_model(_config(kind, scales, tensors), model, adapter_name=adapter)  # adds to model.peft_config
+    model._hf_peft_config_loaded = True  # diffusers and transformers then manage the adapter like their own
     for name, factors in tensors.items():
         holder = adapter_holder(model.get_submodule(name), adapter)
         if kind == "DoRA":
