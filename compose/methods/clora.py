@@ -20,7 +20,7 @@ from ..concept_prompts import Concept, ConceptError, MissingConceptError, concep
 from ..context import Pass
 from ..contrastive import concept_token_loss, loss_bounds, sample_labels, separation
 from ..errors import InvalidOptionError
-from ..lora_delta import lora_delta
+from ..lora_delta import holds, lora_delta
 from ..masks import MORPHOLOGY, attention_masks, fuse_noise_predictions
 from .base import STEP, CompositionMethod, is_step, is_whole, require, step_index
 
@@ -263,7 +263,7 @@ def add_adapter_to_every_pass(unet, adapter: str, weight: float):
 
     peft's mixed batches give each sample one adapter; a style LoRA has to ride along on all of them.
     """
-    layers = [layer for layer in tuner_layers(unet) if adapter in getattr(layer, "lora_A", {})]
+    layers = [layer for layer in tuner_layers(unet) if holds(layer, adapter)]
     for layer in layers:
         layer.set_scale(adapter, weight)  # the loop's snapshot restores the scale afterwards
     add_delta = lambda layer, args, out: out + lora_delta(layer, adapter, args[0])  # noqa: E731

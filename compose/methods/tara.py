@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..adapters import fuse_active, unfuse
 from ..attention.layers import attention_layers, install_processors
@@ -95,7 +95,9 @@ class TaraMethod(CompositionMethod):
             self._fused = fuse_active(
                 module
                 for name, module in unet.named_modules()
-                if isinstance(module, LoraLayer) and name not in masked and module.active_adapters
+                if isinstance(module, BaseTunerLayer)
+                and name.split(".base_layer")[0] not in masked  # nor the layers a masked LoHa/LoKr wraps
+                and module.active_adapters
             )
 
     def noise_prediction(self, ctx, latents, t, i):
