@@ -24,6 +24,7 @@ from compose.methods import METHODS
 from compose.saving import save_lora
 from compose.spec import LoraSpec
 from pipelines.loading import load_pipeline
+from pipelines.random_adapters import ADAPTER_KINDS, write_random_adapter
 from pipelines.tiny import random_lora_layers
 
 from .memory import PeakMemory
@@ -43,20 +44,24 @@ class BenchRow:
     peak_mb: float  # peak resident memory the image adds above the process's level before it (PeakMemory)
     memory_ratio: float = float("nan")
     error: str | None = None
+    adapter_type: str = "LoRA"  # of the random files (LoRA, LoHa, LoKr, DoRA), or "file" for the user's
 
 
 def _side_by_side(index: int, count: int) -> tuple[float, float, float, float]:
     return (0.0, index / count, 1.0, (index + 1) / count)
 
 
-def bench_loras(pipe, count: int, folder: Path) -> list[LoraSpec]:
-    """Random LoRAs with triggers, concept words and side-by-side boxes, so every method can run."""
+def bench_loras(pipe, count: int, folder: Path, adapter_type: str = "LoRA") -> list[LoraSpec]:
+    """Random adapters of one type and rank 4 on the attention projections, with triggers, concept words
+    and side-by-side boxes, so every method can run."""
     specs = []
     for index in range(count):
-        path = save_lora(
-            folder / f"lora{index}.safetensors", random_lora_layers(pipe, seed=index + 1), 4, 4.0,
-            trigger=TRIGGERS[index], concept=CONCEPTS[index],
-        )  # fmt: skip
+        path = folder / f"{adapter_type}{index}.safetensors"
+        words = dict(trigger=TRIGGERS[index], concept=CONCEPTS[index])
+        if adapter_type == "LoRA":
+            save_lora(path, random_lora_layers(pipe, seed=index + 1), 4, 4.0, **words)
+        else:
+            write_random_adapter(pipe, path, adapter_type, index + 1, rank=4, alpha=4.0, convs=False, **words)
         specs.append(LoraSpec(path, trigger=TRIGGERS[index], concept=CONCEPTS[index], region=_side_by_side(index, count)))
     return specs
 
@@ -79,24 +84,33 @@ def bench_prompt(specs: list[LoraSpec]) -> str:
 
 
 def run_benchmark(
-    pipe, methods, counts, steps=10, repeats=3, size=None, options=None, files=None, prompt=None
+    pipe, methods, counts, steps=10, repeats=3, size=None, options=None, files=None, prompt=None, adapter_types=("LoRA",)
 ) -> list[BenchRow]:
-    """files: LoRA files to time (N uses the first N) instead of random ones; prompt: one prompt for every N."""
+    """files: LoRA files to time (N uses the first N) instead of random ones; prompt: one prompt for every N;
+    adapter_types: random files of each of these types, side by side (ratios against a plain LoRA's single)."""
     options = options or {}
     most = len(files) if files else len(TRIGGERS)
     if max(counts) > most or min(counts) < 1:
         raise ComposeError(f"--num-loras must be between 1 and {most}")
+    unknown = sorted(set(adapter_types) - set(ADAPTER_KINDS))
+    if unknown or not adapter_types:
+        raise ComposeError(f"--adapter-types {unknown or '(none)'}: choose from {list(ADAPTER_KINDS)}")
+    types = ["file"] if files else list(dict.fromkeys(["LoRA", *adapter_types]))
     with tempfile.TemporaryDirectory() as tmp:
-        specs = file_loras(pipe, files) if files else bench_loras(pipe, max(counts), Path(tmp))
-        prompts = {count: prompt or bench_prompt(specs[:count]) for count in [*counts, 1]}
-        configs = [("single", 1)] + [(m, n) for n in counts for m in methods]
+        specs = {
+            kind: file_loras(pipe, files) if files else bench_loras(pipe, max(counts), Path(tmp), kind) for kind in types
+        }
+        prompts = {count: prompt or bench_prompt(specs[types[0]][:count]) for count in [*counts, 1]}
+        configs = [("single", 1, types[0])] + [
+            (m, n, kind) for kind in types if kind in adapter_types or files for n in counts for m in methods
+        ]
 
-        def once(method, count):
+        def once(method, count, kind):
             name = "merge" if method == "single" else method
             with PeakMemory() as peak:
                 start = time.perf_counter()
                 out = pipe(
-                    prompts[count], loras=specs[:count], method=name, method_options=options.get(name),
+                    prompts[count], loras=specs[kind][:count], method=name, method_options=options.get(name),
                     num_inference_steps=steps, height=size, width=size, generator=torch.Generator().manual_seed(0),
                     output_type="np",
                 )  # fmt: skip
@@ -113,18 +127,19 @@ def run_benchmark(
             for config in configs:
                 if config not in errors:
                     samples[config].append(once(*config))
-    if ("single", 1) in errors:
-        raise ComposeError(f"single-LoRA generation failed: {errors[('single', 1)]}")
-    single = statistics.median(s[0] for s in samples[("single", 1)])
+    if configs[0] in errors:
+        raise ComposeError(f"single-LoRA generation failed: {errors[configs[0]]}")
+    single = statistics.median(s[0] for s in samples[configs[0]])
     rows = []
-    for config in configs:
+    for method, count, kind in configs:
+        config = (method, count, kind)
         if config in errors:
-            rows.append(BenchRow(*config, float("nan"), float("nan"), 0, 0, 0, errors[config]))
+            rows.append(BenchRow(method, count, float("nan"), float("nan"), 0, 0, 0, error=errors[config], adapter_type=kind))
             continue
         seconds = statistics.median(s[0] for s in samples[config])
         calls, passes = samples[config][0][1:3]
         peak = max(s[3] for s in samples[config])
-        rows.append(BenchRow(*config, seconds, seconds / single, calls, passes, peak))
+        rows.append(BenchRow(method, count, seconds, seconds / single, calls, passes, peak, adapter_type=kind))
     for row in rows:
         row.memory_ratio = row.peak_mb / rows[0].peak_mb if rows[0].peak_mb > 0 else float("nan")
     return rows
@@ -132,15 +147,15 @@ def run_benchmark(
 
 def format_table(rows: list[BenchRow]) -> str:
     lines = [
-        f"{'method':<10} {'N':>2} {'s/image':>9} {'x single':>9} {'UNet calls':>10} {'passes':>7} "
+        f"{'method':<10} {'type':<5} {'N':>2} {'s/image':>9} {'x single':>9} {'UNet calls':>10} {'passes':>7} "
         f"{'peak MB':>8} {'mem x':>6}"
     ]
     for r in rows:
         if r.error:
-            lines.append(f"{r.method:<10} {r.num_loras:>2}  error: {r.error}")
+            lines.append(f"{r.method:<10} {r.adapter_type:<5} {r.num_loras:>2}  error: {r.error}")
         else:
             lines.append(
-                f"{r.method:<10} {r.num_loras:>2} {r.seconds:>9.3f} {r.ratio:>9.2f} {r.unet_calls:>10.0f} "
+                f"{r.method:<10} {r.adapter_type:<5} {r.num_loras:>2} {r.seconds:>9.3f} {r.ratio:>9.2f} {r.unet_calls:>10.0f} "
                 f"{r.unet_passes:>7.0f} {r.peak_mb:>8.1f} {r.memory_ratio:>6.2f}"
             )
     return "\n".join(lines)
@@ -155,8 +170,9 @@ def run(args) -> int:
         key, _, value = assignment.partition("=")
         options.setdefault(method, {})[key] = json.loads(value)
     rows = run_benchmark(
-        pipe, args.methods, args.num_loras, args.steps, args.repeats, args.size, options, args.lora, args.prompt
-    )
+        pipe, args.methods, args.num_loras, args.steps, args.repeats, args.size, options, args.lora, args.prompt,
+        args.adapter_types,
+    )  # fmt: skip
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2))
@@ -178,4 +194,8 @@ def register(subparsers) -> None:
         "--lora", action="append", metavar="FILE", help="time these LoRA files (N uses the first N) instead of random ones"
     )
     parser.add_argument("--prompt", help="with --lora: the prompt (default: each LoRA's trigger and concept word)")
+    parser.add_argument(
+        "--adapter-types", nargs="+", default=["LoRA"], choices=ADAPTER_KINDS, metavar="TYPE",
+        help="random files of these types (LoRA LoCon DoRA LoHa LoKr), rank 4 on the same layers, side by side",
+    )  # fmt: skip
     parser.set_defaults(run=run)

@@ -24,9 +24,9 @@ ADAPTER_KINDS = ("LoRA", "LoCon", "DoRA", "LoHa", "LoKr")
 CONV_TARGETS = ("conv1", "conv2")
 
 
-def adapted_layers(pipe, kind: str, text_encoder: bool = False) -> list[tuple[str, str, torch.nn.Module]]:
-    """(component, dotted name, layer) of every layer a file of this kind adapts."""
-    components = [("unet", pipe.unet, UNET_TARGETS + (() if kind == "LoRA" else CONV_TARGETS))]
+def adapted_layers(pipe, kind: str, text_encoder: bool = False, convs: bool = True) -> list[tuple[str, str, torch.nn.Module]]:
+    """(component, dotted name, layer) of every layer a file of this kind adapts (convs: not for plain LoRA)."""
+    components = [("unet", pipe.unet, UNET_TARGETS + (CONV_TARGETS if convs and kind != "LoRA" else ()))]
     if text_encoder:
         components += [(c, getattr(pipe, c), TEXT_TARGETS) for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None)]
     layers = []
@@ -41,9 +41,10 @@ def adapted_layers(pipe, kind: str, text_encoder: bool = False) -> list[tuple[st
 
 def random_adapter_parts(
     pipe, kind: str, seed: int, *, rank: int = 4, alpha: float = 8.0, cp: bool = False, full: bool = False,
-    text_encoder: bool = False, fmt: str = "kohya", strength: float = 0.1,
+    text_encoder: bool = False, convs: bool = True, fmt: str = "kohya", strength: float = 0.1,
 ) -> dict[tuple[str, str], dict[str, torch.Tensor]]:  # fmt: skip
-    """{(component, dotted name): {stored part: tensor}}; cp: convs in CP form; full: LoKr of two full factors."""
+    """{(component, dotted name): {stored part: tensor}}; cp: convs in CP form; full: LoKr of two full factors;
+    convs False: attention projections only, as a plain LoRA."""
     if kind not in ADAPTER_KINDS:
         raise ValueError(f"unknown adapter kind {kind!r}; choose one of {ADAPTER_KINDS}")
     generator = torch.Generator().manual_seed(seed)
@@ -52,7 +53,7 @@ def random_adapter_parts(
         return torch.randn(*shape, generator=generator) * strength
 
     layers = {}
-    for component, name, module in adapted_layers(pipe, kind, text_encoder):
+    for component, name, module in adapted_layers(pipe, kind, text_encoder, convs):
         weight = module.weight.detach()
         out_features, fan_in, kernel = weight.shape[0], weight[0].numel(), tuple(weight.shape[2:])
         if kind in ("LoRA", "LoCon", "DoRA"):

@@ -36,3 +36,13 @@ def test_memory_differs_per_method_clora_backward_above_single(pipe, loras):
     assert table[("clora", 2)].error is None
     assert table[("clora", 2)].memory_ratio > 1.5 * table[("merge", 2)].memory_ratio
     assert table[("clora", 2)].peak_mb > 1.5 * table[("single", 1)].peak_mb > 0
+
+
+def test_adapter_types_run_side_by_side_against_a_plain_loras_single(pipe):
+    rows = run_benchmark(pipe, ["merge", "composite"], [2], steps=1, repeats=1, adapter_types=["LoRA", "LoHa"])
+    table = {(row.method, row.adapter_type): row for row in rows}
+    assert list(table) == [("single", "LoRA"), ("merge", "LoRA"), ("composite", "LoRA"), ("merge", "LoHa"), ("composite", "LoHa")]
+    assert all(row.error is None and math.isfinite(row.ratio) for row in rows)
+    assert table[("composite", "LoHa")].unet_passes == table[("composite", "LoRA")].unet_passes == 2
+    with pytest.raises(ComposeError, match="--adapter-types"):
+        run_benchmark(pipe, ["merge"], [1], steps=1, repeats=1, adapter_types=["IA3"])
