@@ -8,6 +8,7 @@ from .clora import CloraMethod
 from .cmlora import CmloraMethod
 from .composer import ComposerMethod
 from .composite import CompositeMethod
+from .loratorio import LoratorioMethod
 from .merge import MergeMethod
 from .switch import SwitchMethod
 from .tara import TaraMethod
@@ -22,6 +23,7 @@ METHODS: dict[str, type[CompositionMethod]] = {
         CloraMethod,
         ComposerMethod,
         TaraMethod,
+        LoratorioMethod,
     )
 }
 

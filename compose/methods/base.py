@@ -102,6 +102,11 @@ def is_whole(value, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
+def is_number(value) -> bool:
+    """An int or float (not a bool) that is not NaN; rules that allow infinity say so."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
 def is_step(value) -> bool:
     """A step given as a count (int >= 0) or as a fraction of the steps (float in [0, 1])."""
     if isinstance(value, bool):

@@ -17,13 +17,16 @@ class CompositeOptions:
         require(isinstance(self.batched, bool), f"composite option batched must be true or false, got {self.batched!r}")
 
 
+def pass_predictions(ctx, latents, t, passes, batched: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(uncond, cond) of each pass: one forward with per-sample adapters, or one forward per pass."""
+    if batched:
+        return ctx.predict(latents, t, passes)
+    return [pair for p in passes for pair in ctx.predict(latents, t, [p])]
+
+
 def composite_prediction(ctx, latents, t, loras, batched: bool) -> list[torch.Tensor]:
     """Guided prediction of each LoRA alone (shared with methods built on composite)."""
-    passes = [ctx.lora_pass(lora) for lora in loras]
-    if batched:
-        pairs = ctx.predict(latents, t, passes)
-    else:
-        pairs = [pair for p in passes for pair in ctx.predict(latents, t, [p])]
+    pairs = pass_predictions(ctx, latents, t, [ctx.lora_pass(lora) for lora in loras], batched)
     return [ctx.guide(uncond, cond) for uncond, cond in pairs]
 
 
