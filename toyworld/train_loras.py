@@ -31,6 +31,7 @@ import toyworld
 from compose import LoraSpec
 from compose.adapters import activate, restore, snapshot
 from compose.loading import load_adapters, resolve_loras
+from compose.methods.tara import masked_kv_modules
 from compose.training.tara import TaraTrainingOptions, checkpoint_dir, train_tara
 from pipelines.loading import load_pipeline
 from toyworld.judge import judge
@@ -143,13 +144,22 @@ def joint_gate(name: str) -> Gate:
 
 
 @contextmanager
-def always_on(pipe, path: Path, weight: float):
+def always_on(pipe, path: Path, weight: float, token_masked: bool = False):
     """The LoRA loaded and active for every token, as diffusers' own `load_lora_weights` leaves it:
-    how bleed is seen when no composition method (which all want the trigger) is involved."""
+    how bleed is seen when no composition method (which all want the trigger) is involved.
+
+    A token-masked LoRA's cross-attention key/value change acts only at its trigger, so with no
+    trigger in the prompt it acts nowhere: those layers are switched off, the rest stay on."""
     loras = resolve_loras(pipe, [LoraSpec(str(path), weight=weight)])
     state = snapshot([pipe.unet])
     load_adapters(pipe, loras)
-    activate(pipe.unet, {loras[0].adapter: weight})
+    adapter = loras[0].adapter
+    activate(pipe.unet, {adapter: weight})
+    if token_masked:
+        for name in masked_kv_modules(pipe.unet):
+            layer = pipe.unet.get_submodule(name)
+            if adapter in getattr(layer, "scaling", {}):
+                layer.set_scale(adapter, 0.0)
     try:
         yield
     finally:
@@ -159,7 +169,7 @@ def always_on(pipe, path: Path, weight: float):
 def measure_gate(pipe, gate: Gate, seeds, path: Path | None, method: str) -> tuple[dict, list[Image.Image]]:
     """A gate's judged rate. The trigger-free gate runs the LoRA always on, with no method."""
     if path and gate.name == "no_trigger":
-        with always_on(pipe, path, gate.weight):
+        with always_on(pipe, path, gate.weight, token_masked=method == "tara"):
             images = generate(pipe, gate.prompt, seeds)
     else:
         images = generate(pipe, gate.prompt, seeds, [LoraSpec(str(path), weight=gate.weight)] if path else None, method)

@@ -5,7 +5,9 @@ import toyworld
 from compose import LoraSpec
 from compose.loading import resolve_loras
 from pipelines.loading import load_pipeline
-from toyworld.train_loras import CLASS_WORDS, VARIANTS, concept_rate, gates, generate, lora_file
+from compose.adapters import tuner_layers
+from compose.methods.tara import masked_kv_modules
+from toyworld.train_loras import CLASS_WORDS, VARIANTS, always_on, concept_rate, gates, generate, lora_file
 
 LORAS = toyworld.default_lora_path()
 SEEDS = range(6)
@@ -39,3 +41,18 @@ def test_lora_raises_the_judged_concept_rate(toy_pipe, trigger, variant):
     with_lora = concept_rate(generate(toy_pipe, prompt, SEEDS, loras, method), trigger)
     base = concept_rate(generate(toy_pipe, prompt, SEEDS), trigger)
     assert with_lora - base >= MIN_GAIN, (with_lora, base)
+
+
+def test_token_masked_lora_without_its_trigger_keeps_only_its_unmasked_layers(toy_pipe):
+    """With no trigger in the prompt a TARA LoRA's cross-attention k/v change acts at no token."""
+    unet = toy_pipe.unet
+    masked = masked_kv_modules(unet)
+    with always_on(toy_pipe, lora_file(LORAS, "zwx", "tara"), 0.8, token_masked=True):
+        [adapter] = {name for layer in tuner_layers(unet) for name in layer.active_adapters}
+        scales = {name: module.scaling[adapter] for name, module in unet.named_modules()
+                  if module in tuner_layers(unet) and adapter in module.scaling}
+    off = {name for name, scale in scales.items() if scale == 0}
+    assert off == masked & set(scales) and off
+    assert all(scale > 0 for name, scale in scales.items() if name not in off)
+    with always_on(toy_pipe, lora_file(LORAS, "zwx", "tara"), 0.8):
+        assert all(module.scaling[adapter] > 0 for module in tuner_layers(unet) if adapter in module.scaling)
