@@ -226,6 +226,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     names = [*CLASS_WORDS, *JOINT]
     parser.add_argument("--out", type=Path, default=toyworld.default_lora_path())
+    parser.add_argument("--model", type=Path, default=toyworld.default_model_path(),
+                        help="the base model the LoRAs are trained on and measured with")
     parser.add_argument("--names", nargs="+", default=names, choices=names)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--no-prior", action="store_true", help="train without prior preservation")
@@ -239,7 +241,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    pipe = load_pipeline(str(toyworld.default_model_path()))
+    pipe = load_pipeline(str(args.model))
     pipe.set_progress_bar_config(disable=True)
     if not args.measure:
         args.out.mkdir(parents=True, exist_ok=True)
