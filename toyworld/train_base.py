@@ -72,6 +72,19 @@ def load_exported(unet, text_encoder, model_dir: Path) -> None:
         load_checked(model, weights, str(folder))
 
 
+def hide_padding(text: torch.Tensor, input_ids: torch.Tensor, empty: torch.Tensor, eos: int,
+                 rows: torch.Tensor) -> torch.Tensor:
+    """In the chosen rows, the states from the first end token on become the empty caption's.
+
+    A causal text encoder's end and padding states each summarise the whole caption, and a small
+    UNet trained on them reads that summary, which does not bind a colour to its shape; without it,
+    the UNet must read each word's own state, where the encoder does bind them (measured in RECIPE).
+    """
+    after_end = (input_ids == eos).cumsum(dim=1) > 0
+    hidden = after_end & rows[:, None]
+    return torch.where(hidden[..., None], empty.expand_as(text), text)
+
+
 def learning_rate(step: int, args) -> float:
     """Constant, then a linear fall to a tenth over the last `decay_steps` steps: a function of the
     step alone, so a resumed run follows the same schedule."""
@@ -134,6 +147,10 @@ def train(args) -> None:
         input_ids = torch.where(drop[:, None], data["empty_ids"], data["input_ids"][index])
 
         text = text_encoder(input_ids).last_hidden_state
+        if args.pad_dropout:
+            hide = torch.rand(args.batch, generator=generator) < args.pad_dropout
+            empty = text_encoder(data["empty_ids"]).last_hidden_state
+            text = hide_padding(text, input_ids, empty, tokenizer.eos_token_id, hide)
         prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, text).sample
         loss = F.mse_loss(prediction, noise)
         optimizer.zero_grad()
@@ -166,6 +183,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--decay-steps", type=int, default=0, help="fall to lr/10 over the last N steps")
     parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--pad-dropout", type=float, default=0.0,
+                        help="share of captions whose end and padding states are replaced by the empty caption's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=50)
