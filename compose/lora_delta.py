@@ -47,3 +47,42 @@ def lora_delta(layer, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
 def base_projection(layer, x: torch.Tensor) -> torch.Tensor:
     """The projection without any adapter (the innermost wrapped layer when peft wrapped it)."""
     return layer.get_base_layer()(x) if isinstance(layer, BaseTunerLayer) else layer(x)
+
+
+def dense_change(layer, adapter: str, chunk: int = 1024) -> torch.Tensor | None:
+    """`adapter`'s change as a weight shaped like the base layer's (Linear or Conv2d), or None.
+
+    Read off `lora_delta`'s responses to unit inputs, so every adapter type gives its true change.
+    A convolution sees one unit impulse per kernel entry, placed where one output position covers
+    the whole kernel, `chunk` impulses at a time.
+    """
+    if adapter_holder(layer, adapter) is None:
+        return None
+    base = layer.get_base_layer()
+    weight = base.weight
+    if isinstance(base, torch.nn.Linear):
+        return lora_delta(layer, adapter, torch.eye(base.in_features, dtype=weight.dtype, device=weight.device)).T
+    if not isinstance(base, torch.nn.Conv2d) or isinstance(base.padding, str) or base.groups != 1:
+        return None
+    out_channels, in_channels, kh, kw = weight.shape
+    (row, height, top), (col, width, left) = [
+        _covering_position(*axis) for axis in zip((kh, kw), base.stride, base.padding, base.dilation)
+    ]
+    entries = torch.arange(in_channels * kh * kw, device=weight.device)
+    channel = entries // (kh * kw)
+    y = top + entries // kw % kh * base.dilation[0]
+    x = left + entries % kw * base.dilation[1]
+    responses = []
+    for part in entries.split(chunk):
+        impulses = torch.zeros(len(part), in_channels, height, width, dtype=weight.dtype, device=weight.device)
+        impulses[torch.arange(len(part)), channel[part], y[part], x[part]] = 1
+        responses.append(lora_delta(layer, adapter, impulses)[:, :, row, col])
+    return torch.cat(responses).T.reshape(out_channels, in_channels, kh, kw)
+
+
+def _covering_position(kernel: int, stride: int, padding: int, dilation: int) -> tuple[int, int, int]:
+    """(output index, input size, input offset) on one axis: that output sees input offset + j * dilation
+    through kernel entry j, for every j, without touching the padding."""
+    output = -(-padding // stride)
+    offset = output * stride - padding
+    return output, offset + (kernel - 1) * dilation + 1, offset

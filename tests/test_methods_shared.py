@@ -8,6 +8,9 @@ from compose.errors import ComposeError, InvalidOptionError, TriggerNotInPromptE
 from compose.methods import METHODS
 from tests.conftest import PROMPT, run
 
+# Options a method needs to run on these LoRAs at all: klora must be told which one is the style.
+SHARED_OPTIONS = {"klora": {"style_triggers": ["zwx"]}}
+
 
 def two_loras(loras):
     return [
@@ -20,7 +23,7 @@ def two_loras(loras):
 def test_runs_and_leaves_pipeline_as_it_was(pipe, loras, method):
     before_images = run(pipe, steps=2).images
     processors = dict(pipe.unet.attn_processors)
-    out = run(pipe, loras=two_loras(loras), method=method, steps=2)
+    out = run(pipe, loras=two_loras(loras), method=method, method_options=SHARED_OPTIONS.get(method), steps=2)
     assert out.images.shape == (1, 64, 64, 3)
     assert out.method == method and out.unet_calls >= 1
     assert dict(pipe.unet.attn_processors) == processors
@@ -37,7 +40,8 @@ def test_state_restored_when_the_loop_raises(pipe, loras, method):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        run(pipe, loras=two_loras(loras), method=method, steps=2, callback_on_step_end=explode)
+        run(pipe, loras=two_loras(loras), method=method, method_options=SHARED_OPTIONS.get(method), steps=2,
+            callback_on_step_end=explode)  # fmt: skip
     assert dict(pipe.unet.attn_processors) == processors
     assert all(active == [] for active, _, _ in snapshot([pipe.unet, pipe.text_encoder]).layers.values())
 
@@ -53,7 +57,8 @@ def test_bad_input_fails_before_any_unet_call(pipe, loras, tmp_path, method):
     calls = []
     pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
     with pytest.raises(ComposeError):
-        run(pipe, PROMPT, loras=[*two_loras(loras), tmp_path / "missing.safetensors"], method=method)
+        run(pipe, PROMPT, loras=[*two_loras(loras), tmp_path / "missing.safetensors"], method=method,
+            method_options=SHARED_OPTIONS.get(method))  # fmt: skip
     assert calls == []
 
 
@@ -63,4 +68,5 @@ def test_trigger_missing_from_the_prompt_a_lora_is_given_is_refused(pipe, loras,
     own_prompts = [LoraSpec(spec.source, spec.weight, region=spec.region, prompt=text)
                    for spec, text in zip(two_loras(loras), ["a cat", "a zwx dog"])]  # fmt: skip
     with pytest.raises(TriggerNotInPromptError, match=r"LoRA 'cat' needs its trigger word 'sks'"):
-        run(pipe, "a cat and a zwx dog", loras=own_prompts, method=method, steps=1)
+        run(pipe, "a cat and a zwx dog", loras=own_prompts, method=method, method_options=SHARED_OPTIONS.get(method),
+            steps=1)  # fmt: skip

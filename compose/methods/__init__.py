@@ -8,8 +8,10 @@ from .clora import CloraMethod
 from .cmlora import CmloraMethod
 from .composer import ComposerMethod
 from .composite import CompositeMethod
+from .klora import KloraMethod
 from .loratorio import LoratorioMethod
 from .merge import MergeMethod
+from .regional import RegionalMethod
 from .switch import SwitchMethod
 from .tara import TaraMethod
 
@@ -23,6 +25,8 @@ METHODS: dict[str, type[CompositionMethod]] = {
         CloraMethod,
         ComposerMethod,
         TaraMethod,
+        RegionalMethod,
+        KloraMethod,
         LoratorioMethod,
     )
 }
