@@ -96,7 +96,7 @@ def test_batched_equals_one_pass_at_a_time(pipe, loras):
 @pytest.mark.parametrize(
     "specs, options, error, named",
     [
-        (lambda l: [LoraSpec(l["cat"]), LoraSpec(l["dog"], region=RIGHT)], None, InvalidRegionError, "region for .*'cat'"),
+        (lambda l: [LoraSpec(l["cat"]), LoraSpec(l["dog"], region=RIGHT)], None, InvalidRegionError, "region.*'cat'"),
         (lambda l: [LoraSpec(l["cat"], region=(0, 0, 0.01, 0.01))], None, InvalidRegionError, "smaller than one pixel"),
         (lambda l: [LoraSpec(l["cat"], region=LEFT)], {"base_ratio": 1.5}, InvalidOptionError, "base_ratio"),
         (lambda l: [LoraSpec(l["cat"], region=LEFT)], {"feather": -1}, InvalidOptionError, "feather"),

@@ -11,6 +11,10 @@ from tests.test_cmlora import (  # noqa: F401
     test_every_interval_one_with_equal_weights_is_composite,
 )
 from tests.test_composer import test_whole_image_box_equals_lora_in_cross_attention_kv_out_only  # noqa: F401
+from tests.test_klora import (  # noqa: F401
+    test_klora_of_a_lora_with_itself_is_that_lora_alone,
+    test_time_is_the_step_index_of_each_run,
+)
 from tests.test_methods_shared import (  # noqa: F401
     test_bad_input_fails_before_any_unet_call,
     test_runs_and_leaves_pipeline_as_it_was,
@@ -25,6 +29,7 @@ from tests.test_pipeline import (  # noqa: F401
     test_num_images_and_non_square,
     test_state_restored_after_call_and_after_exception,
 )
+from tests.test_regional import test_one_whole_image_box_is_that_lora_alone  # noqa: F401
 from tests.test_tara import test_masks_on_every_token_reproduce_merge  # noqa: F401
 
 

@@ -92,7 +92,8 @@ def balance(content: list[torch.Tensor], style: list[torch.Tensor]) -> float:
 
 
 def style_steps(content: float, style: float, gamma: float, steps: int, options: KloraOptions) -> list[bool]:
-    """Per step i, whether a layer with these top-K scores uses the style: unless content / gamma > s(i / steps) * style."""
+    """Per step i, whether a layer with these top-K scores takes the style's change:
+    unless content / gamma > s(i / steps) * style."""
     return [
         not content / gamma > style_scale(i / steps, options.pattern, options.alpha, options.beta) * style
         for i in range(steps)
