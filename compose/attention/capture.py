@@ -38,3 +38,17 @@ class CaptureAttnProcessor(ComposableAttnProcessor):
         probs = attention_probs(attn, query, key, attention_mask)
         self.store.record(self.name, probs)
         return torch.matmul(probs, value)
+
+
+class OutputCaptureAttnProcessor(ComposableAttnProcessor):
+    """Ordinary attention that also keeps its output (after to_out, before the block's residual) under its name:
+    the image features a method compares pixel by pixel."""
+
+    def __init__(self, outputs: dict[str, torch.Tensor], name: str):
+        self.outputs = outputs
+        self.name = name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        self.outputs[self.name] = out.detach()
+        return out

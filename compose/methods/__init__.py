@@ -8,6 +8,7 @@ from .clora import CloraMethod
 from .cmlora import CmloraMethod
 from .composer import ComposerMethod
 from .composite import CompositeMethod
+from .freefuse import FreefuseMethod
 from .klora import KloraMethod
 from .loratorio import LoratorioMethod
 from .merge import MergeMethod
@@ -28,6 +29,7 @@ METHODS: dict[str, type[CompositionMethod]] = {
         RegionalMethod,
         KloraMethod,
         LoratorioMethod,
+        FreefuseMethod,
     )
 }
 
