@@ -31,6 +31,8 @@ from .memory import PeakMemory
 
 TRIGGERS = ("sks", "zwx", "vrn", "qpl", "bkt", "fjh")
 CONCEPTS = ("cat", "dog", "car", "tree", "house", "man")
+# What a method must be told to run on the random LoRAs at all: klora takes the second one (zwx) as the style.
+ROLE_OPTIONS = {"klora": {"style_triggers": [TRIGGERS[1]]}}
 
 
 @dataclass
@@ -88,7 +90,8 @@ def run_benchmark(
 ) -> list[BenchRow]:
     """files: LoRA files to time (N uses the first N) instead of random ones; prompt: one prompt for every N;
     adapter_types: random files of each of these types, side by side (ratios against a plain LoRA's single)."""
-    options = options or {}
+    given = options or {}
+    options = {name: {**ROLE_OPTIONS.get(name, {}), **given.get(name, {})} for name in {*ROLE_OPTIONS, *given}}
     most = len(files) if files else len(TRIGGERS)
     if max(counts) > most or min(counts) < 1:
         raise ComposeError(f"--num-loras must be between 1 and {most}")

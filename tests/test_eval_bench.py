@@ -46,3 +46,11 @@ def test_adapter_types_run_side_by_side_against_a_plain_loras_single(pipe):
     assert table[("composite", "LoHa")].unet_passes == table[("composite", "LoRA")].unet_passes == 2
     with pytest.raises(ComposeError, match="--adapter-types"):
         run_benchmark(pipe, ["merge"], [1], steps=1, repeats=1, adapter_types=["IA3"])
+
+
+def test_klora_and_regional_are_timed_against_single_on_the_random_loras(pipe):
+    rows = run_benchmark(pipe, ["regional", "klora"], [2, 3], steps=2, repeats=1, size=32)
+    by_config = {(row.method, row.num_loras): row for row in rows}
+    assert all(math.isfinite(by_config[(m, 2)].ratio) for m in ("regional", "klora"))
+    assert by_config[("klora", 2)].unet_passes == 2 and by_config[("regional", 3)].unet_passes == 6  # thirds: no base
+    assert "one subject LoRA and one style LoRA; got 3" in by_config[("klora", 3)].error
