@@ -15,6 +15,16 @@ from tests.test_klora import (  # noqa: F401
     test_klora_of_a_lora_with_itself_is_that_lora_alone,
     test_time_is_the_step_index_of_each_run,
 )
+from tests.test_freefuse import (  # noqa: F401
+    test_a_second_call_gives_what_a_fresh_one_gives as test_freefuse_second_call_is_a_fresh_one,
+    test_bias_is_on_the_conditional_rows_inside_the_regions_only,
+    test_masks_partition_the_latent_and_a_pixel_no_lora_owns_gets_the_base,
+    test_one_lora_owning_every_pixel_without_bias_is_that_lora_alone,
+)
+from tests.test_loratorio import (  # noqa: F401
+    test_one_lora_without_recentring_is_that_lora_and_recentring_pulls_toward_the_base,
+    test_uniform_weights_without_recentring_equal_composite,
+)
 from tests.test_methods_shared import (  # noqa: F401
     test_bad_input_fails_before_any_unet_call,
     test_runs_and_leaves_pipeline_as_it_was,
