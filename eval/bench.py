@@ -33,6 +33,8 @@ TRIGGERS = ("sks", "zwx", "vrn", "qpl", "bkt", "fjh")
 CONCEPTS = ("cat", "dog", "car", "tree", "house", "man")
 # What a method must be told to run on the random LoRAs at all: klora takes the second one (zwx) as the style.
 ROLE_OPTIONS = {"klora": {"style_triggers": [TRIGGERS[1]]}}
+# Methods also timed against the method they build on, which then runs beside them.
+BASELINES = {"loratorio": "composite"}
 
 
 @dataclass
@@ -47,6 +49,8 @@ class BenchRow:
     memory_ratio: float = float("nan")
     error: str | None = None
     adapter_type: str = "LoRA"  # of the random files (LoRA, LoHa, LoKr, DoRA), or "file" for the user's
+    baseline: str | None = None  # BASELINES: the method this one is also timed against, same N and type
+    baseline_ratio: float = float("nan")
 
 
 def _side_by_side(index: int, count: int) -> tuple[float, float, float, float]:
@@ -99,6 +103,7 @@ def run_benchmark(
     if unknown or not adapter_types:
         raise ComposeError(f"--adapter-types {unknown or '(none)'}: choose from {list(ADAPTER_KINDS)}")
     types = ["file"] if files else list(dict.fromkeys(["LoRA", *adapter_types]))
+    methods = list(dict.fromkeys([*methods, *(BASELINES[m] for m in methods if m in BASELINES)]))
     with tempfile.TemporaryDirectory() as tmp:
         specs = {
             kind: file_loras(pipe, files) if files else bench_loras(pipe, max(counts), Path(tmp), kind) for kind in types
@@ -143,8 +148,12 @@ def run_benchmark(
         calls, passes = samples[config][0][1:3]
         peak = max(s[3] for s in samples[config])
         rows.append(BenchRow(method, count, seconds, seconds / single, calls, passes, peak, adapter_type=kind))
+    table = {(row.method, row.num_loras, row.adapter_type): row for row in rows}
     for row in rows:
         row.memory_ratio = row.peak_mb / rows[0].peak_mb if rows[0].peak_mb > 0 else float("nan")
+        if row.method in BASELINES:
+            row.baseline = BASELINES[row.method]
+            row.baseline_ratio = row.seconds / table[row.baseline, row.num_loras, row.adapter_type].seconds
     return rows
 
 
@@ -160,6 +169,7 @@ def format_table(rows: list[BenchRow]) -> str:
             lines.append(
                 f"{r.method:<10} {r.adapter_type:<5} {r.num_loras:>2} {r.seconds:>9.3f} {r.ratio:>9.2f} {r.unet_calls:>10.0f} "
                 f"{r.unet_passes:>7.0f} {r.peak_mb:>8.1f} {r.memory_ratio:>6.2f}"
+                + (f"  {r.baseline_ratio:.2f} x {r.baseline}" if r.baseline else "")
             )
     return "\n".join(lines)
 

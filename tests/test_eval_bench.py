@@ -7,7 +7,7 @@ import math
 import pytest
 
 from compose.errors import ComposeError
-from eval.bench import run_benchmark
+from eval.bench import format_table, run_benchmark
 
 
 def test_benchmark_times_given_files_against_the_first_alone(pipe, loras):
@@ -54,3 +54,15 @@ def test_klora_and_regional_are_timed_against_single_on_the_random_loras(pipe):
     assert all(math.isfinite(by_config[(m, 2)].ratio) for m in ("regional", "klora"))
     assert by_config[("klora", 2)].unet_passes == 2 and by_config[("regional", 3)].unet_passes == 6  # thirds: no base
     assert "one subject LoRA and one style LoRA; got 3" in by_config[("klora", 3)].error
+
+
+def test_loratorio_is_also_timed_against_composite_run_beside_it(pipe):
+    rows = run_benchmark(pipe, ["loratorio", "freefuse"], [2], steps=2, repeats=1)
+    table = {row.method: row for row in rows}
+    assert list(table) == ["single", "loratorio", "freefuse", "composite"]
+    assert all(row.error is None and math.isfinite(row.ratio) for row in rows)
+    loratorio, composite = table["loratorio"], table["composite"]
+    assert loratorio.baseline == "composite" and loratorio.baseline_ratio == loratorio.seconds / composite.seconds
+    assert (loratorio.unet_passes, composite.unet_passes) == (6, 4)  # base + 2 LoRAs per step, 2 LoRAs per step
+    assert (table["freefuse"].unet_calls, table["freefuse"].baseline) == (2 + 2, None)  # a base step and a map pass
+    assert "x composite" in format_table(rows)
