@@ -33,7 +33,8 @@ from .tara import masked_kv_modules
 
 @dataclass
 class FreefuseOptions:
-    collect_steps: int | float = 10  # LoRA-free steps before the maps are read: a count (at most the steps) or a fraction
+    collect_steps: int | float = 1 / 3  # LoRA-free steps before the maps are read (10 of 30, as the reference): a
+    # fraction of the steps or a count (at most the steps); at least one
     anchor_fraction: float = 0.1  # share of the map's pixels that anchor each concept
     temperature: float = 1000.0  # of the softmax over pixels of each concept's anchor similarity
     bias_own: float = 1.0  # cross-attention logit bias of a region toward its own concept's tokens
