@@ -270,7 +270,7 @@ def test_judged_rows_say_which_concepts_are_drawn_and_where(tmp_path):
     """The toy-world preset's judge on two seeds of one method: rows carry presence and placement."""
     rows = run_eval("toyworld", tmp_path / "out", seeds=1)
     by_method = {row["method"]: row for row in rows if row["lora_set"] == "pair"}
-    assert set(by_method) == {"merge", "switch", "composite", "cmlora", "clora", "composer", "regional"}
+    assert set(by_method) == {"merge", "switch", "composite", "cmlora", "clora", "composer", "regional", "loratorio", "freefuse"}
     row = by_method["merge"]
     assert set(row["judge_present"]) == {"sks", "zwx"} and set(row["judge_in_region"]) == {"sks", "zwx"}
     assert row["all_present"] == all(row["judge_present"].values())
