@@ -45,10 +45,14 @@ class FreefuseOptions:
     def __post_init__(self):
         rules = {
             "collect_steps": (is_step(self.collect_steps) and self.collect_steps > 0, f"{STEP}, above 0"),
-            "anchor_fraction": (is_number(self.anchor_fraction) and 0 < self.anchor_fraction <= 1, "a number in (0, 1]"),
+            "anchor_fraction": (
+                is_number(self.anchor_fraction) and 0 < self.anchor_fraction <= 1, "a number in (0, 1]"
+            ),
             "temperature": (is_number(self.temperature) and 0 < self.temperature < float("inf"), "a finite number > 0"),
             **{
-                name: (is_number(getattr(self, name)) and 0 <= getattr(self, name) < float("inf"), "a finite number >= 0")
+                name: (
+                    is_number(getattr(self, name)) and 0 <= getattr(self, name) < float("inf"), "a finite number >= 0"
+                )
                 for name in ("bias_own", "bias_other", "background")
             },
             "map_factor": (self.map_factor is None or is_whole(self.map_factor, 1), "a whole number >= 1 or None"),
@@ -104,10 +108,11 @@ class FreefuseMethod(CompositionMethod):
         for index, tokens in enumerate(self.token_sets):
             earlier = self.token_sets.index(tokens)
             if earlier != index:
+                words = concept_text(prompt, loras[index].trigger, loras[index].concept)
                 raise ConceptError(
                     f"LoRAs '{loras[earlier].adapter}' and '{loras[index].adapter}' are named by the same words of the "
-                    f"prompt ('{concept_text(prompt, loras[index].trigger, loras[index].concept)}'), so freefuse cannot "
-                    "tell their regions apart; give each its own trigger word and write both in the prompt"
+                    f"prompt ('{words}'), so freefuse cannot tell their regions apart; give each its own trigger word "
+                    "and write both in the prompt"
                 )
         self.end = end_position(pipe.tokenizer, prompt)
 

@@ -47,7 +47,8 @@ def patch_cosine(a: torch.Tensor, b: torch.Tensor, patch: int, eps: float = 1e-8
     """Cosine similarity of a and b (..., C, h, w) over each non-overlapping patch x patch block, all channels
     together, in fp32: (..., h / patch, w / patch)."""
     a, b = a.float(), b.float()
-    sums = [patch * patch * F.avg_pool2d(x.reshape(-1, *x.shape[-3:]), patch).sum(dim=-3) for x in (a * b, a * a, b * b)]
+    products = (a * b, a * a, b * b)
+    sums = [patch * patch * F.avg_pool2d(x.reshape(-1, *x.shape[-3:]), patch).sum(dim=-3) for x in products]
     dot, norm_a, norm_b = (s.reshape(*a.shape[:-3], *s.shape[-2:]) for s in sums)
     return dot / (norm_a.sqrt() * norm_b.sqrt()).clamp_min(eps)
 
