@@ -14,7 +14,15 @@ SEEDS = range(6)
 # Measured on 16 seeds in toyworld/loras/RECIPE.md; the base model never draws a concept.
 # A gain of half the seeds leaves a wide margin for the 6-seed sample.
 MIN_GAIN = 0.5
-FILES = [(trigger, variant) for variant in VARIANTS for trigger in CLASS_WORDS]
+# Files whose alone gate measured below 60% of 32 seeds (toyworld/loras/RECIPE.md): sks and zwx, and the
+# token-masked files, which were trained on an earlier base model.
+WEAK = {("sks", "plain"), ("zwx", "plain"), *((trigger, "tara") for trigger in CLASS_WORDS)}
+BELOW_GATE = pytest.mark.xfail(reason="below its alone gate")
+FILES = [
+    pytest.param(trigger, variant, marks=[BELOW_GATE] if (trigger, variant) in WEAK else [])
+    for variant in VARIANTS
+    for trigger in CLASS_WORDS
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +40,6 @@ def test_shipped_loras_carry_trigger_and_concept(toy_pipe, variant):
     assert all(path.stat().st_size < 1_000_000 for path in paths)
 
 
-# The shipped v2 files (150 steps, rank 4, lr 3e-4) are too weak: 0-17% of 6 seeds show the concept.
-@pytest.mark.xfail(reason="v2 concept LoRAs undertrained: 0-17% concept rate on 6 seeds; retrain longer")
 @pytest.mark.parametrize("trigger, variant", FILES)
 def test_lora_raises_the_judged_concept_rate(toy_pipe, trigger, variant):
     prompt, method = gates(trigger)[0].prompt, VARIANTS[variant][2]
