@@ -276,7 +276,9 @@ def test_judged_rows_say_which_concepts_are_drawn_and_where(tmp_path):
     assert row["all_present"] == all(row["judge_present"].values())
     assert row["all_in_region"] == all(row["judge_in_region"].values())
     assert {row["method"] for row in rows if row["lora_set"].endswith("_tara")} == {"tara"}
-    assert {row["num_loras"] for row in rows} == {2, 3}
+    ceiling = next(row for row in rows if row["lora_set"] == "pair_joint")
+    assert ceiling["method"] == "ceiling (joint LoRA)" and set(ceiling["judge_present"]) == {"sks", "zwx"}
+    assert {row["num_loras"] for row in rows} == {1, 2, 3}
 
 
 def test_a_set_with_its_own_seeds_runs_them_until_a_quick_look_overrides_all(loras, tmp_path, monkeypatch):
