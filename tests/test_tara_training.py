@@ -102,6 +102,37 @@ def test_plain_training_updates_kv_at_every_token_without_alignment(pipe, tmp_pa
     assert abs(run(pipe, "a photo of a sks dog", loras=[out], method="merge").images - base).max() > 0
 
 
+def test_locon_trains_the_resnet_convolutions_and_loads_them_as_trained(pipe, tmp_path):
+    """The file's conv and linear deltas, added to the weights by hand, give the image `merge` gives."""
+    locon, attention = tmp_path / "locon.safetensors", tmp_path / "attention.safetensors"
+    data = [(p, "a photo of sks") for p in pictures(2)]
+    for out, layers in ((locon, "locon"), (attention, "attention")):
+        train_tara(pipe, data, out, options(token_mask=False, steps=3, rank=4, alpha=8.0, lr=1e-2, layers=layers), progress=False)
+    with safe_open(str(attention), "pt") as handle:
+        assert not any(".resnets." in key or ".ff." in key for key in handle.keys())
+    with safe_open(str(locon), "pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    convs = [key for key in tensors if ".resnets." in key and ".conv1.lora_A." in key]
+    assert convs and tensors[convs[0]].shape[2:] == (3, 3)
+    assert any(".ff.net.2.lora_A." in key for key in tensors) and any(".proj_in.lora_A." in key for key in tensors)
+
+    prompt = "a photo of a sks dog"
+    merged = run(pipe, prompt, loras=[locon], method="merge").images
+    state = {name: value.clone() for name, value in pipe.unet.state_dict().items()}
+    try:
+        with torch.no_grad():
+            for key in (key for key in tensors if ".lora_A." in key):
+                down, up = tensors[key].float(), tensors[key.replace(".lora_A.", ".lora_B.")].float()
+                delta = torch.einsum("or,ri...->oi...", up.flatten(1), down) * (8.0 / 4)
+                weight = pipe.unet.get_submodule(key.removeprefix("unet.").split(".lora_A.")[0]).weight
+                weight += delta.reshape(weight.shape)
+            by_hand = run(pipe, prompt).images
+    finally:
+        pipe.unet.load_state_dict(state)
+    assert abs(merged - run(pipe, prompt).images).max() > 1e-2  # the LoRA changes the image
+    np.testing.assert_allclose(merged, by_hand, atol=2e-4)
+
+
 def test_training_leaves_the_pipeline_as_it_was(pipe, tmp_path):
     weights = {name: value.clone() for name, value in pipe.unet.state_dict().items()}
     processors = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
@@ -139,6 +170,8 @@ def test_bad_training_input_fails_before_training(pipe, tmp_path):
         train_tara(pipe, tmp_path, tmp_path / "a.safetensors", options(steps=1), progress=False)
     with pytest.raises(InvalidOptionError, match="steps"):
         options(steps=0)
+    with pytest.raises(InvalidOptionError, match="layers must be one of attention, transformer, locon"):
+        options(layers="everything")
     assert not (tmp_path / "a.safetensors").exists()
 
 

@@ -32,7 +32,7 @@ from compose import LoraSpec
 from compose.adapters import activate, restore, snapshot
 from compose.loading import load_adapters, resolve_loras
 from compose.methods.tara import masked_kv_modules
-from compose.training.tara import TaraTrainingOptions, checkpoint_dir, train_tara
+from compose.training.tara import LAYER_SETS, TaraTrainingOptions, checkpoint_dir, train_tara
 from pipelines.loading import load_pipeline
 from toyworld.judge import judge
 from toyworld.measure import GENERATION, rate
@@ -45,7 +45,7 @@ SCENES = 256
 PRIOR_SCENES = 256
 # Rank 8 of widths 32-128: a larger share of the width than rank 8-16 is of SD 1.5's 320-1280, because
 # rank 4 drew half as many rings at the same steps (toyworld/loras/RECIPE.md has the ladder).
-TRAINING = dict(steps=1500, lr=1e-3, rank=8, alpha=8.0, batch_size=16, seed=0, checkpoint_every=250)
+TRAINING = dict(steps=1500, lr=1e-3, rank=8, alpha=8.0, batch_size=16, seed=0, checkpoint_every=250, layers="attention")
 # variant: (file suffix, trainer's token_mask, method it is measured with)
 VARIANTS = {"plain": ("", False, "merge"), "tara": ("_tara", True, "tara")}
 # The base object a concept is shown beside: another class, so the judge tells them apart.
@@ -234,6 +234,7 @@ def main() -> None:
     parser.add_argument("--no-prior", action="store_true", help="train without prior preservation")
     for option in ("steps", "lr", "rank"):
         parser.add_argument(f"--{option}", type=type(TRAINING[option]), default=TRAINING[option])
+    parser.add_argument("--layers", default=TRAINING["layers"], choices=list(LAYER_SETS), help="which layers the LoRAs train")
     parser.add_argument("--seeds", type=int, default=32)
     parser.add_argument("--first-seed", type=int, default=1000, help="measurement seeds (not the benchmark's)")
     parser.add_argument("--measure", action="store_true", help="only measure the LoRAs already in --out")
@@ -248,7 +249,8 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         for name in args.names:
             for variant in args.variants if name not in JOINT else ["plain"]:
-                training = {**TRAINING, "steps": args.steps, "lr": args.lr, "rank": args.rank, "alpha": float(args.rank)}
+                training = {**TRAINING, "steps": args.steps, "lr": args.lr, "rank": args.rank, "alpha": float(args.rank),
+                            "layers": args.layers}
                 seconds = train_one(pipe, name, args.out, variant, not args.no_prior, training)
                 print(f"{lora_file(args.out, name, variant).stem}: trained in {seconds:.0f} s", flush=True)
     seeds = range(args.first_seed, args.first_seed + args.seeds)

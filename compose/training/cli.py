@@ -8,6 +8,8 @@ DEFAULTS = {"steps": 1000, "lr": 1e-4, "rank": 8, "alpha": 32.0, "lambda_align":
 
 
 def register(subparsers) -> None:
+    from .tara import LAYER_SETS
+
     parser = subparsers.add_parser(
         "train-tara",
         help="train a TARA concept LoRA (token-masked k/v, key alignment)",
@@ -30,6 +32,10 @@ def register(subparsers) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    parser.add_argument(
+        "--layers", choices=list(LAYER_SETS), default="attention",
+        help="layers to train: attention projections, every transformer linear layer, or those and the ResNet convs (LoCon)",
+    )
     parser.add_argument(
         "--plain", action="store_true", help="train a plain LoRA (no token mask, no L_align) for the other methods"
     )
@@ -55,6 +61,7 @@ def run(args) -> int:
         prompt=args.prompt,
         checkpoint_every=args.checkpoint_every,
         token_mask=not args.plain,
+        layers=args.layers,
     )
     pipe = load_pipeline(args.model)
     result = train_tara(pipe, args.images, args.out, options, resume=args.resume)

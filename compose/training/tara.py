@@ -39,7 +39,14 @@ from ..saving import save_lora
 from ..tokens import check_tokenizers_agree, require_word, token_positions
 
 ADAPTER = "tara_training"
-TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+# Which layers a LoRA trains, as trainers name the choice: the attention projections (diffusers'
+# DreamBooth script), every linear layer of the transformer blocks (kohya's default), or those plus
+# the ResNet convolutions (LyCORIS' LoCon), which draw forms that attention alone struggles to change.
+LAYER_SETS = {
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "transformer": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
+    "locon": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"),
+}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
@@ -61,6 +68,7 @@ class TaraTrainingOptions:
     token_mask: bool = True  # False trains a plain LoRA (k/v updated at every token, no L_align) for other methods
     prior_weight: float = 1.0  # weight of the prior-preservation loss, used when class images are given
     prior_prompt: str | None = None  # caption of folder class images; default "a photo of <class>"
+    layers: str = "attention"  # which layers are trained: a key of LAYER_SETS
 
     def __post_init__(self):
         for name in ("rare_token", "class_word"):
@@ -80,6 +88,10 @@ class TaraTrainingOptions:
                 f"TARA training option {name} must be a finite number >= 0, got {value!r}",
             )
         require(self.lr > 0 and self.alpha > 0, "TARA training options lr and alpha must be > 0")
+        require(
+            self.layers in LAYER_SETS,
+            f"TARA training option layers must be one of {', '.join(LAYER_SETS)}, got {self.layers!r}",
+        )
         require(isinstance(self.token_mask, bool), f"TARA training option token_mask must be True or False, got {self.token_mask!r}")
         require(
             self.resolution is None or (isinstance(self.resolution, int) and self.resolution > 0),
@@ -278,7 +290,7 @@ def training_adapter(
     was_training = unet.training
     had_adapters = bool(getattr(unet, "peft_config", None))
     config = LoraConfig(
-        r=options.rank, lora_alpha=options.alpha, init_lora_weights="gaussian", target_modules=TARGET_MODULES
+        r=options.rank, lora_alpha=options.alpha, init_lora_weights="gaussian", target_modules=list(LAYER_SETS[options.layers])
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
@@ -378,7 +390,7 @@ def save_trained_lora(unet, out: Path, options: TaraTrainingOptions) -> Path:
 # What must match for a checkpoint to be resumed: anything that changes the model or the data stream.
 _RESUME_KEYS = (
     "rare_token", "class_word", "rank", "alpha", "batch_size", "resolution", "seed", "prompt", "token_mask",
-    "prior_weight", "prior_prompt",
+    "prior_weight", "prior_prompt", "layers",
 )
 
 
