@@ -213,7 +213,7 @@ def relative_change(path: Path, pipe) -> dict[str, float]:
             if base is None:
                 continue
             scale = float(metadata.get("lora_alpha", down.shape[0])) / down.shape[0]
-            ratios.append(float((scale * up @ down).norm() / base.norm()))
+            ratios.append(float((scale * up.flatten(1) @ down.flatten(1)).norm() / base.norm()))  # convs too
     return {"median": round(float(np.median(ratios)), 3), "max": round(float(np.max(ratios)), 3)}
 
 
