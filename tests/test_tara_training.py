@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from compose.lora_delta import base_projection
 from compose.loading import load_adapters, resolve_loras
 from compose.training import TaraTrainingOptions, train_tara
 from compose.training.cli import register
-from compose.training.tara import training_adapter
+from compose.training.tara import checkpoint_dir, training_adapter
 from tests.conftest import run
 
 
@@ -150,12 +151,18 @@ def test_resume_continues_exactly(pipe, image_folder, tmp_path):
     straight, resumed = tmp_path / "straight.safetensors", tmp_path / "resumed.safetensors"
     train_tara(pipe, image_folder, straight, options(steps=4, checkpoint_every=2), progress=False)
     train_tara(pipe, image_folder, resumed, options(steps=2, checkpoint_every=2), progress=False)
+    record_path = checkpoint_dir(resumed) / "state.json"  # made before the layers option existed: its default
+    record = json.loads(record_path.read_text())
+    del record["options"]["layers"]
+    record_path.write_text(json.dumps(record))
     result = train_tara(pipe, image_folder, resumed, options(steps=4, checkpoint_every=2), resume=True, progress=False)
     assert result.steps == 4 and len(result.mse) == 2
     with safe_open(str(straight), "pt") as a, safe_open(str(resumed), "pt") as b:
         assert all(torch.equal(a.get_tensor(key), b.get_tensor(key)) for key in a.keys())
     with pytest.raises(InvalidOptionError, match="rank"):
         train_tara(pipe, image_folder, resumed, options(steps=5, rank=4), resume=True, progress=False)
+    with pytest.raises(InvalidOptionError, match="layers"):
+        train_tara(pipe, image_folder, resumed, options(steps=5, layers="locon"), resume=True, progress=False)
 
 
 def test_bad_training_input_fails_before_training(pipe, tmp_path):

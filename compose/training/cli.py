@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEFAULTS = {"steps": 1000, "lr": 1e-4, "rank": 8, "alpha": 32.0, "lambda_align": 1.0, "batch_size": 1, "seed": 0}
+DEFAULTS = {"steps": 1000, "lr": 1e-4, "rank": 8, "alpha": 32.0, "lambda_align": 1.0, "batch_size": 1, "seed": 0, "layers": "attention"}
 
 
 def register(subparsers) -> None:
@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     parser.add_argument(
-        "--layers", choices=list(LAYER_SETS), default="attention",
+        "--layers", choices=list(LAYER_SETS), default=DEFAULTS["layers"],
         help="layers to train: attention projections, every transformer linear layer, or those and the ResNet convs (LoCon)",
     )
     parser.add_argument(

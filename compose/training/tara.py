@@ -42,11 +42,9 @@ ADAPTER = "tara_training"
 # Which layers a LoRA trains, as trainers name the choice: the attention projections (diffusers'
 # DreamBooth script), every linear layer of the transformer blocks (kohya's default), or those plus
 # the ResNet convolutions (LyCORIS' LoCon), which draw forms that attention alone struggles to change.
-LAYER_SETS = {
-    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
-    "transformer": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
-    "locon": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"),
-}
+_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+_TRANSFORMER = (*_ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+LAYER_SETS = {"attention": _ATTENTION, "transformer": _TRANSFORMER, "locon": (*_TRANSFORMER, "conv1", "conv2")}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
@@ -413,10 +411,12 @@ def load_checkpoint(folder: Path, params, optimizer, generator, options) -> int:
     if not (folder / "state.json").is_file():
         return 0
     record = json.loads((folder / "state.json").read_text())
+    defaults = asdict(TaraTrainingOptions(options.rare_token, options.class_word))
     for key in _RESUME_KEYS:
+        saved = record["options"].get(key, defaults[key])  # a key newer than the checkpoint had its default
         require(
-            record["options"].get(key) == getattr(options, key),
-            f"checkpoint {folder} was made with {key}={record['options'].get(key)!r}, not {getattr(options, key)!r}; "
+            saved == getattr(options, key),
+            f"checkpoint {folder} was made with {key}={saved!r}, not {getattr(options, key)!r}; "
             "use the same settings or another --out",
         )
     tensors = load_file(str(folder / "state.safetensors"))
