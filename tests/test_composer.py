@@ -23,7 +23,7 @@ from compose.attention.regions import (
 from compose.context import DenoiseContext
 from compose.errors import InvalidOptionError, InvalidRegionError, TriggerNotInPromptError
 from compose.loading import load_adapters, resolve_loras
-from compose.lora_delta import lora_delta
+from compose.lora_delta import base_projection, lora_delta
 from compose.methods import build_method
 from compose.methods.composer import ComposerOptions, default_regional_prompt, guidance_continues
 from compose.region_guidance import (
@@ -101,6 +101,41 @@ def test_whole_image_box_equals_lora_in_cross_attention_kv_out_only(pipe, loras)
 
     assert (composed - base).abs().max() > 1e-2  # the LoRA does act
     torch.testing.assert_close(composed, reference, atol=1e-5, rtol=1e-5)
+
+
+
+class BaseQueryCrossLoraProcessor(ComposableAttnProcessor):
+    """Reference with the LoRA active in peft: cross-attention with base queries and the LoRA's k/v/out deltas."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+
+    def block(self, attn, hidden_states, context, attention_mask):
+        query = base_projection(attn.to_q, hidden_states)
+        key = base_projection(attn.to_k, context) + lora_delta(attn.to_k, self.adapter, context)
+        value = base_projection(attn.to_v, context) + lora_delta(attn.to_v, self.adapter, context)
+        out = merge_heads(self.attend(attn, *split_heads(attn, query, key, value), attention_mask))
+        return base_projection(attn.to_out[0], out) + lora_delta(attn.to_out[0], self.adapter, out)
+
+
+def test_all_layers_with_a_whole_image_box_is_the_lora_everywhere_but_cross_attention_queries(pipe, loras):
+    """all_layers adds the LoRA's other layers (here its self-attention) inside the box; the box is everything."""
+    prompt = "a sks cat"
+    spec = LoraSpec(loras["cat"], region=(0, 0, 1, 1), prompt=prompt)
+    cross_only = latents_of(pipe, prompt, loras=[spec], method="composer", method_options=FAST)
+    composed = latents_of(pipe, prompt, loras=[spec], method="composer", method_options={**FAST, "all_layers": True})
+    base = latents_of(pipe, prompt)
+
+    load_adapters(pipe, resolve_loras(pipe, [LoraSpec(loras["cat"])]))
+    activate(pipe.unet, {"cat": 1.0})
+    install_processors(pipe.unet, {l.name: BaseQueryCrossLoraProcessor("cat") for l in attention_layers(pipe.unet) if l.cross})
+    reference = latents_of(pipe, prompt)
+
+    assert (composed - cross_only).abs().max() > 1e-2  # the other layers do act
+    torch.testing.assert_close(composed, reference, atol=1e-5, rtol=1e-5)
+    activate(pipe.unet, {})
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    torch.testing.assert_close(latents_of(pipe, prompt), base)  # no hook left behind
 
 
 def test_outside_every_box_the_first_layer_gives_the_base_output(loaded):

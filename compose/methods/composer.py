@@ -2,7 +2,10 @@
 
 Concept injection: in every cross-attention layer, pixels inside region k attend to region k's
 prompt through LoRA k's to_k/to_v/to_out deltas (RegionCrossAttnProcessor); everything else uses
-the base weights (plus an optional background LoRA over the whole image). Concept isolation:
+the base weights (plus an optional background LoRA over the whole image). With `all_layers`, the
+LoRA's changes to every other layer it touches (self-attention, feed-forward, convolutions) act too,
+gated to its region (compose.adapter_gates): for LoRAs that carry their concept beyond cross-attention,
+as LoCon files do. Concept isolation:
 self-attention between different regions is masked (RegionIsolationAttnProcessor). Before the
 loop the initial noise is re-arranged so each concept starts where it already attends; in the
 early steps the latent takes one gradient step on the region losses (compose.region_guidance).
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..adapter_gates import RegionGates, add_gated_changes
 from ..adapters import activate
 from ..attention.layers import attention_layers, install_processors, layer_grid, layers_near_factor, map_factor
 from ..attention.regions import (
@@ -47,13 +51,14 @@ class ComposerOptions:
     fill_weight: float = 2.0  # L_fill, region filling (0 switches it off)
     reg_weight: float = 10.0  # L_reg, region perceptual restriction (0 switches it off)
     map_factor: int | None = None  # latent downsampling of the maps re-init and losses read; None: by the latent size
+    all_layers: bool = False  # also each LoRA's other layers, gated to its region (False: cross-attention only, as published)
 
     def __post_init__(self):
         require(
             self.background is None or (isinstance(self.background, str) and self.background),
             f"composer option background must name a LoRA adapter, got {self.background!r}",
         )
-        for flag in ("isolation", "reinit", "guidance"):
+        for flag in ("isolation", "reinit", "guidance", "all_layers"):
             value = getattr(self, flag)
             require(isinstance(value, bool), f"composer option {flag} must be true or false, got {value!r}")
         require(
@@ -142,6 +147,7 @@ class ComposerMethod(CompositionMethod):
         self._encode_regional_prompts(ctx)
         self.state = RegionState([lora.adapter for lora in self._regional], self._contexts)
         self._install_processors(ctx, layers)
+        self._hooks = self._gate_other_layers(ctx, layers) if self.options.all_layers else []
 
         factor = map_factor(ctx.unet, ctx.latent_hw, self.options.map_factor)
         self._map_cross = layers_near_factor(ctx.unet, factor, cross=True)
@@ -153,6 +159,22 @@ class ComposerMethod(CompositionMethod):
         self._guiding = options.guidance and any((options.fg_weight, options.fill_weight, options.reg_weight))
         self._previous_loss = None
         ctx.outputs["composer_losses"] = []
+
+    def _gate_other_layers(self, ctx, layers):
+        """Hooks adding each region LoRA's change outside cross-attention, inside its region (overlaps shared)."""
+        masks = torch.stack([region_mask(lora.region, *ctx.latent_hw) for lora in self._regional]).to(ctx.unet.device)
+        masks = (masks / masks.sum(dim=0).clamp(min=1))[:, None]
+        cross = {
+            f"{layer.name.removesuffix('.processor')}.{projection}"
+            for layer in layers if layer.cross for projection in ("to_q", "to_k", "to_v", "to_out.0")
+        }  # fmt: skip
+        gates = RegionGates(ctx.unet, ctx.latent_hw, masks.to(ctx.unet.dtype))
+        return add_gated_changes(ctx.unet, [lora.adapter for lora in self._regional], gates, skip=cross)
+
+    def release(self, ctx):
+        for hook in getattr(self, "_hooks", []):
+            hook.remove()
+        self._hooks = []
 
     def _encode_regional_prompts(self, ctx):
         """Once per call: each region's (CFG and conditional) embeddings and its concept token positions."""

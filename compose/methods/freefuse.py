@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from ..adapter_gates import add_gated_changes
+from ..adapter_gates import RegionGates, add_gated_changes
 from ..adapters import BASE, activate
 from ..attention.capture import AttentionStore, CaptureAttnProcessor, OutputCaptureAttnProcessor
 from ..attention.layers import attention_layers, install_processors, layer_grid, layers_near_factor, map_factor
@@ -126,7 +126,7 @@ class FreefuseMethod(CompositionMethod):
         self.cross_layer = map_layer(ctx.unet, self.factor)
         self.self_layer = self.cross_layer.replace(".attn2.", ".attn1.")
         self.collect = min(len(ctx.timesteps), max(1, step_index(self.options.collect_steps, len(ctx.timesteps))))
-        self.hooks, self.gates, self.masks = [], {}, None
+        self.hooks, self.masks = [], None
 
     def noise_prediction(self, ctx, latents, t, i):
         if i == 0:
@@ -168,10 +168,9 @@ class FreefuseMethod(CompositionMethod):
 
     def route(self, ctx):
         """Gate every LoRA to its region and bias every cross-attention layer toward the region's tokens."""
-        self.halves = 2 if ctx.do_cfg else 1
-        factors = {1, *(layer.factor for layer in attention_layers(ctx.unet))}
-        self.grids = {h * w: (h, w) for h, w in (layer_grid(ctx.latent_hw, factor) for factor in factors)}
-        self.hooks = add_gated_changes(ctx.unet, self.adapters, self.gate, masked_kv_modules(ctx.unet))
+        halves = 2 if ctx.do_cfg else 1
+        gates = RegionGates(ctx.unet, ctx.latent_hw, self.masks[1:], halves)
+        self.hooks = add_gated_changes(ctx.unet, self.adapters, gates, masked_kv_modules(ctx.unet))
         options = self.options
         if not (options.bias_own or options.bias_other):
             return
@@ -179,32 +178,14 @@ class FreefuseMethod(CompositionMethod):
         for layer in attention_layers(ctx.unet):
             if layer.cross:
                 h, w = layer_grid(ctx.latent_hw, layer.factor)
-                masks = self.gates_at(h, w)[:, -self.masks.shape[1] :].flatten(2)  # the conditional rows
+                masks = gates.at(h, w)[:, -self.masks.shape[1] :].flatten(2)  # the conditional rows
                 length = self.lora_pass.embeds.shape[1]
                 bias = token_bias(masks, self.token_sets, length, options.bias_own, options.bias_other)
-                rows = torch.cat([torch.zeros_like(bias), bias]) if self.halves == 2 else bias
+                rows = torch.cat([torch.zeros_like(bias), bias]) if halves == 2 else bias
                 processors[layer.name] = TokenBiasAttnProcessor(rows)
         install_processors(ctx.unet, processors)
-
-    def gates_at(self, h: int, w: int) -> torch.Tensor:
-        """The LoRAs' masks (LoRAs, UNet batch, h, w), bilinearly resized (they still sum to at most 1 per pixel)."""
-        if (h, w) not in self.gates:
-            masks = self.masks[1:]
-            if masks.shape[-2:] != (h, w):
-                masks = F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)
-            self.gates[h, w] = masks.repeat(1, self.halves, 1, 1)
-        return self.gates[h, w]
-
-    def gate(self, index: int, out: torch.Tensor) -> torch.Tensor | None:
-        """LoRA `index`'s mask shaped for a layer output: (B, C, H, W) maps, (B, pixels, C) image tokens;
-        other outputs (time embeddings) are not spatial and stay ungated."""
-        if out.ndim == 4:
-            return self.gates_at(*out.shape[-2:])[index][:, None]
-        if out.ndim == 3:
-            return self.gates_at(*self.grids[out.shape[1]])[index].flatten(1)[..., None]
-        return None
 
     def release(self, ctx):
         for hook in getattr(self, "hooks", []):
             hook.remove()
-        self.hooks, self.gates, self.masks = [], {}, None
+        self.hooks, self.masks = [], None

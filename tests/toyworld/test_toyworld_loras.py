@@ -14,9 +14,9 @@ SEEDS = range(6)
 # Measured on 16 seeds in toyworld/loras/RECIPE.md; the base model never draws a concept.
 # A gain of half the seeds leaves a wide margin for the 6-seed sample.
 MIN_GAIN = 0.5
-# Files whose alone gate measured below 60% of 32 seeds (toyworld/loras/RECIPE.md): sks and zwx, and the
-# token-masked files, which were trained on an earlier base model.
-WEAK = {("sks", "plain"), ("zwx", "plain"), *((trigger, "tara") for trigger in CLASS_WORDS)}
+# Files whose alone gate measured below 60% of 32 seeds (toyworld/loras/RECIPE.md): the token-masked
+# files, which were trained on an earlier base model.
+WEAK = {(trigger, "tara") for trigger in CLASS_WORDS}
 BELOW_GATE = pytest.mark.xfail(reason="below its alone gate")
 FILES = [
     pytest.param(trigger, variant, marks=[BELOW_GATE] if (trigger, variant) in WEAK else [])
@@ -37,7 +37,7 @@ def test_shipped_loras_carry_trigger_and_concept(toy_pipe, variant):
     paths = [lora_file(LORAS, trigger, variant) for trigger in CLASS_WORDS]
     resolved = resolve_loras(toy_pipe, paths)
     assert [(lora.trigger, lora.concept) for lora in resolved] == list(CLASS_WORDS.items())
-    assert all(path.stat().st_size < 1_000_000 for path in paths)
+    assert all(path.stat().st_size < 2_000_000 for path in paths)
 
 
 @pytest.mark.parametrize("trigger, variant", FILES)
