@@ -433,7 +433,7 @@ def test_examples_fill_the_form_in_one_click_and_only_with_their_loras(shapes_li
     assert [button.visible for button in ComposeApp(pipe, library, "tiny").example_buttons] == [False, False]
     values = apply(app, form_values(app, steps=2), app.example_outputs(0), app.use_example(0))
     assert values[app.prompt] == "a sks square on the left and a zwx circle on the right"
-    assert (values[app.selection], values[app.method]) == (["sks", "zwx"], "composer")
+    assert (values[app.selection], values[app.method]) == (["sks", "zwx"], "regional")
     assert [app.slots[0].read(values, "sks").box, app.slots[1].read(values, "zwx").box] == [
         (0.2, 0.05, 0.8, 0.45), (0.2, 0.55, 0.8, 0.95),
     ]  # fmt: skip
@@ -441,7 +441,7 @@ def test_examples_fill_the_form_in_one_click_and_only_with_their_loras(shapes_li
     values = select(app, values, values[app.selection])  # the selection's own change event keeps all of it
     assert values[app.prompt].endswith("on the right") and app.slots[1].read(values, "zwx").box[1] == 0.55
     history, status, *_ = app.generate(values, progress=NoProgress())
-    assert "composer" in status and len(history) == 1
+    assert "regional" in status and len(history) == 1
     style = apply(app, values, app.example_outputs(1), app.use_example(1))
     assert style[app.prompt].endswith("in qpl style") and style[app.selection] == ["sks", "zwx", "qpl"]
     assert app.recipe(style)["options"] == {"background": "qpl"} and not style[app.slots[2].use_region]

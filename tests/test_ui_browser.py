@@ -139,16 +139,16 @@ def test_an_example_fills_the_form_and_small_images_stay_sharp(page, tmp_path):
     page.locator("#example-0").click()
     prompt = "a sks square on the left and a zwx circle on the right"
     sync_api.expect(page.locator("#prompt textarea")).to_have_value(prompt)
-    sync_api.expect(page.locator("#method input[value=composer]")).to_be_checked()
+    sync_api.expect(page.locator("#method input[value=regional]")).to_be_checked()
     sync_api.expect(page.locator("#region-1 input")).to_be_checked()
     page.get_by_role("tab", name="Use it in Python").click()
     sync_api.expect(page.locator("#code")).to_contain_text("region=(0.2, 0.55, 0.8, 0.95)")
-    sync_api.expect(page.locator("#code")).to_contain_text("method='composer'")
+    sync_api.expect(page.locator("#code")).to_contain_text("method='regional'")
     page.get_by_role("tab", name="Image").click()
 
     page.locator("#generate").click()
     sync_api.expect(page.locator("#output img").first).to_be_visible(timeout=120_000)
-    sync_api.expect(page.locator("#status")).to_contain_text("composer")
+    sync_api.expect(page.locator("#status")).to_contain_text("regional")
     for images in ("#output img", "#library img", "#regions img"):
         rendering = page.locator(images).first.evaluate("image => getComputedStyle(image).imageRendering")
         assert rendering == "pixelated", images

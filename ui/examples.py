@@ -34,7 +34,7 @@ class Example:
 _PAIR = (ExampleLora("sks", "square", (0.2, 0.05, 0.8, 0.45)), ExampleLora("zwx", "circle", (0.2, 0.55, 0.8, 0.95)))
 _PAIR_PROMPT = "a sks square on the left and a zwx circle on the right"
 EXAMPLES = (
-    Example("sks square + zwx circle (composer)", _PAIR_PROMPT, "composer", _PAIR),
+    Example("sks square + zwx circle (regional)", _PAIR_PROMPT, "regional", _PAIR),
     Example(
         "… in qpl style (composer)", f"{_PAIR_PROMPT} in qpl style", "composer",
         (*_PAIR, ExampleLora("qpl", "style")), options={"background": "{qpl}"},
