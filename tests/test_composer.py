@@ -70,17 +70,17 @@ def loaded(pipe, loras):
 
 
 class CrossKVOutLoraProcessor(ComposableAttnProcessor):
-    """Reference: one LoRA's to_k/to_v/to_out deltas on every pixel, base queries."""
+    """Reference: one LoRA's to_k/to_v/to_out deltas on every pixel, base queries (whether peft has it active or not)."""
 
     def __init__(self, adapter):
         self.adapter = adapter
 
     def block(self, attn, hidden_states, context, attention_mask):
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(context) + lora_delta(attn.to_k, self.adapter, context)
-        value = attn.to_v(context) + lora_delta(attn.to_v, self.adapter, context)
+        query = base_projection(attn.to_q, hidden_states)
+        key = base_projection(attn.to_k, context) + lora_delta(attn.to_k, self.adapter, context)
+        value = base_projection(attn.to_v, context) + lora_delta(attn.to_v, self.adapter, context)
         out = merge_heads(self.attend(attn, *split_heads(attn, query, key, value), attention_mask))
-        return attn.to_out[0](out) + lora_delta(attn.to_out[0], self.adapter, out)
+        return base_projection(attn.to_out[0], out) + lora_delta(attn.to_out[0], self.adapter, out)
 
 
 # --- concept injection -------------------------------------------------------------------------
@@ -103,21 +103,6 @@ def test_whole_image_box_equals_lora_in_cross_attention_kv_out_only(pipe, loras)
     torch.testing.assert_close(composed, reference, atol=1e-5, rtol=1e-5)
 
 
-
-class BaseQueryCrossLoraProcessor(ComposableAttnProcessor):
-    """Reference with the LoRA active in peft: cross-attention with base queries and the LoRA's k/v/out deltas."""
-
-    def __init__(self, adapter):
-        self.adapter = adapter
-
-    def block(self, attn, hidden_states, context, attention_mask):
-        query = base_projection(attn.to_q, hidden_states)
-        key = base_projection(attn.to_k, context) + lora_delta(attn.to_k, self.adapter, context)
-        value = base_projection(attn.to_v, context) + lora_delta(attn.to_v, self.adapter, context)
-        out = merge_heads(self.attend(attn, *split_heads(attn, query, key, value), attention_mask))
-        return base_projection(attn.to_out[0], out) + lora_delta(attn.to_out[0], self.adapter, out)
-
-
 def test_all_layers_with_a_whole_image_box_is_the_lora_everywhere_but_cross_attention_queries(pipe, loras):
     """all_layers adds the LoRA's other layers (here its self-attention) inside the box; the box is everything."""
     prompt = "a sks cat"
@@ -128,7 +113,8 @@ def test_all_layers_with_a_whole_image_box_is_the_lora_everywhere_but_cross_atte
 
     load_adapters(pipe, resolve_loras(pipe, [LoraSpec(loras["cat"])]))
     activate(pipe.unet, {"cat": 1.0})
-    install_processors(pipe.unet, {l.name: BaseQueryCrossLoraProcessor("cat") for l in attention_layers(pipe.unet) if l.cross})
+    cross = {layer.name: CrossKVOutLoraProcessor("cat") for layer in attention_layers(pipe.unet) if layer.cross}
+    install_processors(pipe.unet, cross)
     reference = latents_of(pipe, prompt)
 
     assert (composed - cross_only).abs().max() > 1e-2  # the other layers do act
